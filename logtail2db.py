@@ -1,0 +1,1406 @@
+#!/usr/bin/env python3
+"""logtail2db: tail a directory of log files into SQLite, exactly once.
+
+Usage: logtail2db.py [options] DIRECTORY DATABASE
+
+Guarantees:
+  - every complete line of every file in DIRECTORY is stored once, never twice;
+  - entries and the file's new offset are committed in one SQLite transaction,
+    so kill -9, power loss and restarts neither lose nor double anything;
+  - rotation by rename or copytruncate, inode reuse and files changed while the
+    tailer was stopped are told apart by (st_dev, st_ino) plus the first bytes;
+  - the database is in WAL mode: readers query it while the tailer writes;
+  - it runs on the standard library alone (inotifyx is used when installed).
+
+Exit status: 0 on success or on SIGTERM/SIGINT, 1 on a fatal error (one line
+"logtail2db: error: ..." on stderr), 2 on a usage error.
+"""
+
+import argparse
+import collections
+import errno
+import fcntl
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import select
+import signal
+import sqlite3
+import stat
+import struct
+import sys
+import time
+
+try:
+    import inotifyx
+except ImportError:
+    inotifyx = None
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("logtail2db")
+
+
+# Constants and errors #########################################################
+
+READ_CHUNK = 1 << 20            # bytes per pread(); a chunk's lines are parsed together
+ROUND_BYTES = 8 << 20           # bytes read per loop round before committing and looking at signals
+FINGERPRINT_BYTES = 1024        # first bytes kept per file to tell a reused inode from the same file
+RESUME_CHECK_BYTES = 4096       # bytes before the offset whose hash is checked before resuming
+MAX_ENTRY_BYTES = 1 << 20       # default --max-entry-bytes
+BUSY_TIMEOUT_S = 0.5            # short, so that a locked database never delays a SIGTERM past 2 s
+RETRY_MIN_S, RETRY_MAX_S = 0.5, 30.0   # back-off when a commit fails (disk full, locked)
+STOP_BUDGET_S = 1.0             # time given to the last read and commit after SIGTERM
+DETACHED_POLL_S = 0.25          # a renamed-away or deleted file gets no events: poll it
+ROTATE_WAIT_S = 5.0             # ...until it has been quiet this long, then close it
+DIR_RETRY_S = 1.0               # how often a vanished DIRECTORY is looked for
+RECONCILE_S = 60.0              # a full rescan this often: a backstop for missed events
+DEFAULT_POLL_S = 1.0            # --poll interval when inotify cannot be had
+HOLD_S = 1.0                    # a last multi-line entry is complete after this much quiet
+MAX_ENTRY_LINES = 500           # default --max-entry-lines
+DEFAULT_EXCLUDES = ("*.gz", "*.bz2", "*.xz", "*.zst", "*.zip", "*.lz4", "*.Z")
+DB_SUFFIXES = (b"", b"-wal", b"-shm", b"-journal")
+SQLITE_MAGIC = b"SQLite format 3\x00"
+SCHEMA_VERSION = 1
+
+# SQLite errors that pass: the batch is rolled back and retried later.
+TRANSIENT_SQLITE = {"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN"}
+
+
+class Fatal(Exception):
+    """Stop the tool with this one line on stderr (exit status 1)."""
+
+
+def shown(name) -> str:
+    """Text for messages from a bytes name; never fails, never hides a byte."""
+    if isinstance(name, bytes):
+        return name.decode("utf-8", "backslashreplace")
+    return str(name)
+
+
+# inotify binding ##############################################################
+
+IN_MODIFY = 0x00000002          # file was modified
+IN_CLOSE_WRITE = 0x00000008     # writable file was closed
+IN_MOVED_FROM = 0x00000040      # file was moved out of the watched directory
+IN_MOVED_TO = 0x00000080        # file was moved into the watched directory
+IN_CREATE = 0x00000100          # file was created
+IN_DELETE = 0x00000200          # file was deleted
+IN_DELETE_SELF = 0x00000400     # the watched directory itself was deleted
+IN_MOVE_SELF = 0x00000800       # the watched directory itself was moved
+IN_UNMOUNT = 0x00002000         # the filesystem was unmounted
+IN_Q_OVERFLOW = 0x00004000      # the event queue overflowed: events were lost
+IN_IGNORED = 0x00008000         # the watch was removed
+IN_ONLYDIR = 0x01000000         # add_watch: fail unless the path is a directory
+IN_ISDIR = 0x40000000           # the subject of the event is a directory
+if inotifyx is not None:
+    # The kernel's numbers, taken from the C extension where it is installed.
+    (IN_MODIFY, IN_CLOSE_WRITE, IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE,
+     IN_DELETE_SELF, IN_MOVE_SELF, IN_UNMOUNT, IN_Q_OVERFLOW, IN_IGNORED, IN_ONLYDIR,
+     IN_ISDIR) = (
+        inotifyx.IN_MODIFY, inotifyx.IN_CLOSE_WRITE, inotifyx.IN_MOVED_FROM,
+        inotifyx.IN_MOVED_TO, inotifyx.IN_CREATE, inotifyx.IN_DELETE, inotifyx.IN_DELETE_SELF,
+        inotifyx.IN_MOVE_SELF, inotifyx.IN_UNMOUNT, inotifyx.IN_Q_OVERFLOW, inotifyx.IN_IGNORED,
+        inotifyx.IN_ONLYDIR, inotifyx.IN_ISDIR)
+
+DIR_MASK = (IN_CLOSE_WRITE | IN_MODIFY | IN_CREATE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE
+            | IN_DELETE_SELF | IN_MOVE_SELF)
+NAME_CHANGES = IN_CREATE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE   # the name may now be another file
+DIR_GONE = IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT | IN_IGNORED
+
+Event = collections.namedtuple("Event", "wd mask cookie name")
+_EVENT_HEADER = struct.Struct("iIII")   # struct inotify_event: wd, mask, cookie, len; then name
+_READ_EVENTS = 64 * 1024                # several hundred events per read()
+_libc = None
+
+
+def _libc_call(function, *args):
+    """Call a libc function, retrying EINTR; -1 becomes OSError with the real errno."""
+    import ctypes
+    while True:
+        rc = function(*args)
+        if rc != -1:
+            return rc
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, os.strerror(err))
+
+
+def _load_libc():
+    global _libc
+    if _libc is None:
+        import ctypes
+        # The running interpreter is linked against libc: no find_library(), which forks ldconfig.
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.inotify_init1.argtypes = [ctypes.c_int]
+        _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        _libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+    return _libc
+
+
+def binding_name() -> str:
+    return "inotifyx" if inotifyx is not None else "ctypes"
+
+
+def init() -> int:
+    """A new inotify fd, non-blocking and close-on-exec."""
+    if inotifyx is not None:
+        fd = inotifyx.init()
+        os.set_blocking(fd, False)
+        os.set_inheritable(fd, False)
+        return fd
+    return _libc_call(_load_libc().inotify_init1, os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def add_watch(fd: int, path: bytes, mask: int) -> int:
+    if inotifyx is not None:
+        try:
+            return inotifyx.add_watch(fd, os.fsdecode(path), mask)
+        except UnicodeEncodeError:
+            pass    # inotifyx takes str only; a path that is not UTF-8 goes through ctypes
+    return _libc_call(_load_libc().inotify_add_watch, fd, path, mask)
+
+
+def rm_watch(fd: int, wd: int) -> None:
+    if inotifyx is not None:
+        inotifyx.rm_watch(fd, wd)
+    else:
+        _libc_call(_load_libc().inotify_rm_watch, fd, wd)
+
+
+def _parse_events(data: bytes) -> list:
+    """Events from the raw bytes of read() on an inotify fd; names stay bytes."""
+    events = []
+    end = len(data)
+    pos = 0
+    while pos + _EVENT_HEADER.size <= end:
+        wd, mask, cookie, size = _EVENT_HEADER.unpack_from(data, pos)
+        pos += _EVENT_HEADER.size
+        name = data[pos:pos + size].rstrip(b"\0")
+        pos += size
+        events.append(Event(wd, mask, cookie, name))
+    return events
+
+
+def get_events(fd: int) -> list:
+    """Drain an inotify fd: every queued event, without blocking.
+
+    inotifyx's own get_events() is not used: it decodes names as UTF-8 and crashes
+    the interpreter on a name that is not, and it lets EINTR out as an exception.
+
+    Returns:
+        A list of Event(wd, mask, cookie, name), name as bytes (b"" for the
+        watched directory itself); empty when nothing is queued.
+    """
+    events = []
+    while True:
+        try:
+            data = os.read(fd, _READ_EVENTS)
+        except BlockingIOError:
+            return events
+        except InterruptedError:
+            continue
+        if not data:
+            return events
+        events.extend(_parse_events(data))
+
+
+# File identity and reader #####################################################
+
+# What became of a tracked file since we last looked; see classify().
+UNCHANGED, GROWN, TRUNCATED, REPLACED = "unchanged", "grown", "truncated", "replaced"
+
+
+def classify(offset: int, fingerprint: bytes, size: int, head: bytes) -> str:
+    """Decide what became of a file with this (dev, ino), one verdict per rotation case.
+
+    Args:
+        offset: the committed offset (or read position) in the file.
+        fingerprint: the first bytes of the file as stored (up to FINGERPRINT_BYTES).
+        size: the file's size now.
+        head: the file's first len(fingerprint) bytes now.
+    Returns:
+        REPLACED when the first bytes differ (a reused inode, or a file truncated and
+        written again past its old first bytes): read it from 0 as new content;
+        TRUNCATED when it shrank below the offset (copytruncate): read it from 0;
+        GROWN when there is more to read; UNCHANGED otherwise.
+    """
+    if head != fingerprint:
+        return REPLACED
+    if size < offset:
+        return TRUNCATED
+    if size > offset:
+        return GROWN
+    return UNCHANGED
+
+
+def read_complete(fd: int, offset: int, size: int = READ_CHUNK):
+    """Read from offset up to the last complete line.
+
+    Args:
+        fd: an open file.
+        offset: where to start.
+        size: how much to read at most.
+    Returns:
+        (data, end): data holds whole lines only (it ends with b"\\n", or is empty
+        when no newline came yet), end = offset + len(data). The raw bytes read
+        past the last newline are returned as a third item so that a caller can
+        tell a line that is longer than it may hold.
+    """
+    chunk = os.pread(fd, size, offset)
+    cut = chunk.rfind(b"\n") + 1
+    return chunk[:cut], offset + cut, chunk[cut:]
+
+
+def open_file(path: bytes, follow_symlinks: bool):
+    """Open a log file for reading without ever blocking (a FIFO, a device)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
+    return os.open(path, flags)
+
+
+def resume_hash(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=8).digest()
+
+
+def utf8_boundary(data: bytes, cut: int) -> int:
+    """The largest cut <= cut that does not split a UTF-8 sequence (at most 3 back)."""
+    for back in range(min(3, cut)):
+        if data[cut - back] & 0xC0 != 0x80:
+            return cut - back
+    return cut
+
+
+# Entry parsing ################################################################
+
+#@PARSERS@
+class Stamps:
+    def set_reference(self, mtime_s):
+        pass
+
+
+PARSERS = {}
+MULTILINE_FORMATS = set()
+
+
+def detect_format(lines, stamps):
+    return "plain"
+
+
+ParseOptions = collections.namedtuple(
+    "ParseOptions", "format pattern multiline_start max_entry_bytes max_entry_lines")
+DEFAULT_PARSE = ParseOptions("plain", None, None, MAX_ENTRY_BYTES, 500)
+
+
+class EntryBuilder:
+    """Turns one file's complete lines into entry rows; pure, no I/O.
+
+    A row is a tuple in the column order of INSERT_ENTRY:
+    (file_id, offset, ts, host, program, pid, level, fields, raw, msg, msg_at, part).
+    In a multi-line format the last entry is held back until the next entry begins
+    or flush() is called, so that the offset committed (commit_offset) never passes
+    an entry that is not stored yet.
+    """
+
+    def __init__(self, file_id: int, options: ParseOptions = DEFAULT_PARSE, stamps=None,
+                 format: str = None, part: int = None):
+        self.file_id = file_id
+        self.options = options
+        self.stamps = stamps
+        self.part = part        # number of the next piece while inside an over-long line
+        self.held = None        # [offset, parsed, raw lines, size in bytes] of the last entry
+        self.format = None
+        self.parse = None
+        self.multiline = False
+        if format is not None or options.format != "auto":
+            self.set_format(format or options.format)
+
+    def set_format(self, format: str) -> None:
+        self.format = format
+        if self.options.pattern is not None:
+            self.parse = self.options.pattern
+        else:
+            self.parse = PARSERS.get(format)
+        self.multiline = self.options.multiline_start is not None or format in MULTILINE_FORMATS
+
+    def held_offset(self, default: int) -> int:
+        return self.held[0] if self.held is not None else default
+
+    def feed(self, data: bytes, offset: int, mtime: float = None) -> list:
+        """Rows for the complete lines in data (which starts at offset in its file)."""
+        rows = []
+        if self.part is not None:
+            # The first line ends an over-long line stored in pieces so far.
+            cut = data.index(b"\n") + 1
+            rows.extend(self.flush())
+            rows.append(self._piece(data[:cut - 1], offset, last=True))
+            data, offset = data[cut:], offset + cut
+        if not data:
+            return rows
+        lines, sizes = _split_lines(data)
+        if self.format is None:
+            self.set_format(detect_format(lines[:DETECT_LINES], self.stamps))
+        if self.stamps is not None and mtime is not None:
+            self.stamps.set_reference(mtime)
+        parse, stamps = self.parse, self.stamps
+        start_re = self.options.multiline_start
+        max_bytes, max_lines = self.options.max_entry_bytes, self.options.max_entry_lines
+        held = self.held
+        if sizes is None:
+            sizes = [len(line) + 1 for line in lines]
+        for line, size in zip(lines, sizes):
+            text = line if type(line) is str else _readable(line)
+            parsed = parse(text, stamps) if parse is not None else None
+            if held is not None and self.multiline and (
+                    not start_re.match(text) if start_re is not None else parsed is None):
+                if held[3] + size <= max_bytes and len(held[2]) < max_lines:
+                    held[2].append(line)
+                    held[3] += size
+                    offset += size
+                    continue
+                parsed = None   # past the cap: the entry goes on as a new, plain one
+            if held is not None:
+                rows.append(self._row(*held))
+            if size > max_bytes:
+                held = None
+                rows.extend(self._pieces(line, offset))
+            else:
+                held = [offset, parsed, [line], size]
+            offset += size
+        if held is not None and not self.multiline:
+            rows.append(self._row(*held))
+            held = None
+        self.held = held
+        return rows
+
+    def feed_piece(self, data: bytes, offset: int) -> list:
+        """Rows for a piece of a line longer than max_entry_bytes (data has no newline)."""
+        rows = self.flush()
+        rows.append(self._piece(data, offset, last=False))
+        return rows
+
+    def flush(self) -> list:
+        """Rows for the held entry, if any: its writer is done with it."""
+        if self.held is None:
+            return []
+        row = self._row(*self.held)
+        self.held = None
+        return [row]
+
+    def _row(self, offset, parsed, lines, size):
+        if len(lines) == 1:
+            raw = lines[0]
+        elif all(type(line) is str for line in lines):
+            raw = "\n".join(lines)
+        else:
+            raw = b"\n".join(line if type(line) is bytes else line.encode() for line in lines)
+        if parsed is None:
+            if type(raw) is str:
+                return (self.file_id, offset, None, None, None, None, None, None, raw, None, 1, None)
+            return (self.file_id, offset, None, None, None, None, None, None, raw,
+                    _readable(raw), 1, None)
+        ts, host, program, pid, level, fields, message = parsed
+        if fields:
+            fields = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+        first = lines[0]
+        if type(raw) is str and first.endswith(message):
+            # message is raw from msg_at on (1-based): not stored twice.
+            return (self.file_id, offset, ts, host, program, pid, level, fields or None, raw, None,
+                    len(first) - len(message) + 1, None)
+        if len(lines) > 1:
+            message += "\n" + _readable(raw)[len(_readable(first)) + 1:]
+        return (self.file_id, offset, ts, host, program, pid, level, fields or None, raw,
+                message, 1, None)
+
+    def _pieces(self, line, offset):
+        data = line.encode() if type(line) is str else line
+        rows = []
+        while len(data) > self.options.max_entry_bytes:
+            cut = utf8_boundary(data, self.options.max_entry_bytes)
+            rows.append(self._piece(data[:cut], offset, last=False))
+            data, offset = data[cut:], offset + cut
+        rows.append(self._piece(data, offset, last=True))
+        return rows
+
+    def _piece(self, data: bytes, offset: int, last: bool):
+        part = self.part or 1
+        self.part = None if last else part + 1
+        if last and data.endswith(b"\r"):
+            data = data[:-1]
+        raw = _raw(data)
+        msg = None if type(raw) is str else _readable(raw)
+        return (self.file_id, offset, None, None, None, None, None, None, raw, msg, 1, part)
+
+
+DETECT_LINES = 20
+
+
+def _raw(line: bytes):
+    """The line as stored in raw: text when it is UTF-8 without NUL, else the bytes."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return line
+    return line if "\x00" in text else text
+
+
+def _readable(raw) -> str:
+    """The message text of a raw line: bad UTF-8 bytes become U+FFFD."""
+    return raw if type(raw) is str else raw.decode("utf-8", "replace")
+
+
+def _split_lines(data: bytes):
+    """(lines, sizes) for data made of complete lines. A line is str when it is UTF-8
+    without NUL, else bytes, and has no final '\r'; sizes[i] is its length in the file
+    with its line end, or sizes is None when that is len(line) + 1 for every line."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and "\x00" not in text and "\r" not in text:
+        lines = text.split("\n")
+        lines.pop()     # data ends with "\n": the last item is empty
+        if len(text) == len(data):      # ASCII: characters are bytes
+            return lines, None
+        return lines, [len(line.encode()) + 1 for line in lines]
+    lines = data.split(b"\n")
+    lines.pop()
+    sizes = [len(line) + 1 for line in lines]
+    return [_raw(line[:-1] if line.endswith(b"\r") else line) for line in lines], sizes
+
+
+# SQLite store #################################################################
+
+SCHEMA = r"""-- logtail2db schema, version 1 (kept in PRAGMA user_version).
+-- Applied when the database is new; logtail2db.py carries the same text.
+
+-- One row per file identity: (dev, ino) guarded by the file's first bytes.
+CREATE TABLE files (
+    id          INTEGER PRIMARY KEY,
+    path        TEXT NOT NULL,      -- absolute path it was last seen under; bytes that are
+                                    -- not UTF-8 appear as \xNN (see path_bytes)
+    path_bytes  BLOB,               -- the exact path when it is not valid UTF-8, else NULL
+    dev         INTEGER,
+    ino         INTEGER,
+    offset      INTEGER NOT NULL,   -- every byte before it is stored in entries
+    fingerprint BLOB NOT NULL,      -- the file's first bytes (up to 1024) as stored
+    resume_hash BLOB,               -- hash of the bytes just before offset, checked on resume
+    part        INTEGER,            -- offset is inside an over-long line: its next piece
+    format      TEXT,               -- how its lines are parsed (plain, syslog, json, ...)
+    first_seen  TEXT NOT NULL,      -- UTC, 'YYYY-MM-DD HH:MM:SS'
+    updated     TEXT NOT NULL,      -- when offset last moved
+    gone        TEXT                -- when it was found deleted or moved away; never resumed
+);
+CREATE INDEX files_identity ON files(ino, dev);
+
+-- One row per log entry: a line, or a multi-line entry such as a stack trace.
+CREATE TABLE entries (
+    id       INTEGER PRIMARY KEY,
+    file_id  INTEGER NOT NULL REFERENCES files(id),
+    offset   INTEGER NOT NULL,      -- byte offset of the entry's first byte in its file
+    ts       TEXT,                  -- UTC 'YYYY-MM-DD HH:MM:SS[.ffffff]', NULL when unknown
+    host     TEXT,
+    program  TEXT,
+    pid      INTEGER,
+    level    TEXT,                  -- trace debug info notice warning error critical alert emergency
+    fields   TEXT,                  -- other parsed fields, a JSON object
+    raw      NOT NULL,              -- the entry without its final '\n' or '\r\n': TEXT, or a BLOB
+                                    -- when it is not valid UTF-8; CAST(raw AS BLOB) = its bytes
+    msg      TEXT,                  -- the message when it is not the tail of raw (else NULL)
+    msg_at   INTEGER NOT NULL DEFAULT 1,   -- where the message starts in raw (1-based)
+    part     INTEGER,               -- 1, 2, ... for pieces of an entry over --max-entry-bytes
+    message  TEXT NOT NULL GENERATED ALWAYS AS (coalesce(msg, substr(raw, msg_at))) VIRTUAL
+);
+
+-- Who is writing: the pid of the running tailer, for the refusal message.
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value
+);
+
+PRAGMA user_version = 1;
+"""
+
+MIGRATIONS = {}     # version -> SQL script that brings a database from it to version + 1
+
+INSERT_ENTRY = (
+    "INSERT INTO entries (file_id, offset, ts, host, program, pid, level, fields, raw, msg,"
+    " msg_at, part) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+UPSERT_FILE = (
+    "INSERT INTO files (id, path, path_bytes, dev, ino, offset, fingerprint, resume_hash, part,"
+    " format, first_seen, updated, gone) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (id) DO UPDATE SET path = excluded.path, path_bytes = excluded.path_bytes,"
+    " dev = excluded.dev, ino = excluded.ino, offset = excluded.offset,"
+    " fingerprint = excluded.fingerprint, resume_hash = excluded.resume_hash,"
+    " part = excluded.part, format = excluded.format, updated = excluded.updated,"
+    " gone = excluded.gone")
+MARK_GONE = "UPDATE files SET gone = ? WHERE id = ?"
+SELECT_FILES = (
+    "SELECT id, path, path_bytes, dev, ino, offset, fingerprint, resume_hash, part, format,"
+    " first_seen FROM files WHERE gone IS NULL")
+
+StoredFile = collections.namedtuple(
+    "StoredFile",
+    "id path path_bytes dev ino offset fingerprint resume_hash part format first_seen")
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+
+
+def is_transient(exc: sqlite3.Error) -> bool:
+    """A fault that passes (disk full, locked, I/O): roll back and retry later."""
+    name = getattr(exc, "sqlite_errorname", None)   # Python 3.11+
+    if name is not None:
+        return any(name.startswith(prefix) for prefix in TRANSIENT_SQLITE)
+    text = str(exc)
+    return any(word in text for word in ("locked", "full", "disk I/O", "unable to open"))
+
+
+def check_database_file(path: str) -> None:
+    """Refuse a DATABASE that is not an SQLite file, before SQLite may touch it."""
+    try:
+        with open(path, "rb") as file:
+            header = file.read(len(SQLITE_MAGIC))
+    except FileNotFoundError:
+        return
+    except IsADirectoryError:
+        raise Fatal(f"database {path!r} is a directory")
+    except OSError as exc:
+        raise Fatal(f"cannot open database {path!r}: {exc.strerror}")
+    if header and header != SQLITE_MAGIC:
+        raise Fatal(f"{path!r} is not an SQLite database (left untouched)")
+
+
+def other_tailer_pid(path: str):
+    """The pid recorded by the tailer that holds DATABASE, or None."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'pid'").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+    return row[0] if row else None
+
+
+def open_store(path: str):
+    """Open (or create) DATABASE for writing: locked, in WAL mode, schema up to date."""
+    check_database_file(path)
+    try:
+        lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise Fatal(f"cannot open database {path!r}: {exc.strerror}")
+    try:
+        # flock() and SQLite's own fcntl() locks do not interact on Linux; this fd stays
+        # open as long as the store, so closing it never drops SQLite's locks early.
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        pid = other_tailer_pid(path)
+        who = f"pid {pid}" if pid is not None else "pid unknown"
+        raise Fatal(f"database {path!r} is in use by another logtail2db ({who})")
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_S,
+                               check_same_thread=False)
+        store = Store(conn, lock_fd)
+        store.prepare(path)
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    return store
+
+
+class Store:
+    """The database: one writer (this process, under flock), any number of readers."""
+
+    def __init__(self, conn: sqlite3.Connection, lock_fd: int):
+        self.conn = conn
+        self.lock_fd = lock_fd
+
+    def prepare(self, path: str) -> None:
+        conn = self.conn
+        mode = conn.execute("PRAGMA journal_mode = wal").fetchone()[0]
+        if mode != "wal":
+            log.warning("%s: WAL mode unavailable (journal_mode=%s): readers may block writes",
+                        path, mode)
+        # In WAL mode NORMAL loses no consistency: a power cut can only roll back the last
+        # transactions, entries and offsets together, and they are read again.
+        conn.execute("PRAGMA synchronous = normal")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise Fatal(f"{path!r} has schema version {version}, newer than this logtail2db "
+                        f"{__version__} knows ({SCHEMA_VERSION}); use a newer logtail2db")
+        if version == 0:
+            tables = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
+            if tables:
+                raise Fatal(f"{path!r} is an SQLite database of another program "
+                            "(it has tables but no logtail2db schema); left untouched")
+            self.script(SCHEMA)
+        elif version < SCHEMA_VERSION:
+            log.info("%s: migrating schema %d -> %d", path, version, SCHEMA_VERSION)
+            self.script("".join(MIGRATIONS[v] for v in range(version, SCHEMA_VERSION)))
+        self.transaction(lambda: conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('pid', ?)", (os.getpid(),)))
+
+    def script(self, sql: str) -> None:
+        """Run a schema script in one transaction: all of it or nothing."""
+        try:
+            self.conn.executescript("BEGIN IMMEDIATE;\n" + sql + "\nCOMMIT;")
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+
+    def transaction(self, work):
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = work()
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
+
+    def files(self) -> list:
+        return [StoredFile(*row) for row in self.conn.execute(SELECT_FILES)]
+
+    def max_file_id(self) -> int:
+        return self.conn.execute("SELECT coalesce(max(id), 0) FROM files").fetchone()[0]
+
+    def commit(self, entries: list, files: list, gone: list = ()) -> None:
+        """Store entries and the files' new state in one transaction.
+
+        Args:
+            entries: rows in INSERT_ENTRY column order.
+            files: rows in UPSERT_FILE column order: each file's offset, which
+                covers exactly the entries given (and those stored before).
+            gone: (time, file_id) of files found deleted.
+        Raises:
+            sqlite3.Error with nothing stored (the transaction is rolled back).
+        """
+        def work():
+            if entries:
+                self.conn.executemany(INSERT_ENTRY, entries)
+            self.conn.executemany(UPSERT_FILE, files)
+            if gone:
+                self.conn.executemany(MARK_GONE, gone)
+        self.transaction(work)
+
+    def close(self) -> None:
+        try:
+            self.conn.execute("DELETE FROM meta WHERE key = 'pid'")
+        except sqlite3.Error as exc:
+            log.debug("could not clear the pid: %s", exc)   # a locked or full DB: harmless
+        self.conn.close()
+        os.close(self.lock_fd)
+
+
+# Event loop ###################################################################
+
+class Tracked:
+    """A file identity being followed: where it is, what is stored, what is read."""
+
+    __slots__ = ("id", "name", "path", "path_bytes", "dev", "ino", "fd", "first_seen",
+                 "offset", "fingerprint", "check", "part", "format", "pos", "builder", "size",
+                 "last_data", "last_used", "gone")
+
+    def __init__(self, id, name, path, dev, ino, fd, first_seen):
+        self.id = id
+        self.name = name            # its name in DIRECTORY, None once renamed away or deleted
+        self.path, self.path_bytes = path, None
+        self.dev, self.ino, self.fd = dev, ino, fd
+        self.first_seen = first_seen
+        # Committed: what the database says.
+        self.offset, self.fingerprint, self.check, self.part, self.format = 0, b"", None, None, None
+        # Read: entries in the batch or held by the builder end at pos.
+        self.pos = 0
+        self.builder = None
+        self.size = 0               # size at the last read
+        self.last_data = self.last_used = time.monotonic()
+        self.gone = None            # when it was found deleted; the next commit records it
+
+    def __repr__(self):
+        return f"<Tracked {self.id} {shown(self.name)} offset={self.offset} pos={self.pos}>"
+
+
+class Tailer:
+    """Follows DIRECTORY: one select() over inotify and the signal pipe, one writer."""
+
+    def __init__(self, directory: bytes, store: Store, options):
+        self.directory = directory
+        self.store = store
+        self.options = options
+        self.parse_options = ParseOptions(options.format, options.pattern,
+                                          options.multiline_start, options.max_entry_bytes,
+                                          options.max_entry_lines)
+        self.stamps = Stamps()
+        self.tracked = {}       # (dev, ino) -> Tracked: files followed, fd open or not
+        self.names = {}         # name -> Tracked found under that name
+        self.resumable = {}     # (dev, ino) -> StoredFile: known to the database, not yet found
+        self.dirty = {}         # name -> inotify mask gathered since the last round
+        self.pending = {}       # Tracked -> None: more to read (an ordered set)
+        self.touched = {}       # Tracked -> None: state to store in the next commit
+        self.rows = []          # entries of the next commit
+        self.gone = []          # (time, id) of stored files found gone
+        self.detached = {}      # Tracked -> None: no longer under any name, read until quiet
+        self.skip = set()       # (dev, ino) never read: the database's own files
+        self.warned = set()     # (name, what): warnings given once
+        self.next_id = store.max_file_id() + 1
+        self.stopping = False
+        self.inotify_fd = None
+        self.wd = None
+        self.directory_missing = False
+        self.poll_s = options.poll
+        self.rescan_at = 0.0
+        self.retry_at = None
+        self.retry_s = RETRY_MIN_S
+        self.wake_r = self.wake_w = None
+        self.stats = collections.Counter()
+
+    # -- setting up ------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_stop(self, signum, frame):
+        self.stopping = True    # no work in a signal handler: the loop sees the flag
+
+    def _on_hup(self, signum, frame):
+        self.rescan_at = 0.0
+
+    def watch(self) -> None:
+        """Start inotify on DIRECTORY, or fall back to polling when it cannot be had."""
+        if self.poll_s is not None or self.options.once:
+            return
+        try:
+            if self.inotify_fd is None:
+                self.inotify_fd = init()
+            self.wd = add_watch(self.inotify_fd, self.directory, DIR_MASK | IN_ONLYDIR)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise
+            self.poll_s = DEFAULT_POLL_S
+            log.warning("inotify unavailable (%s): polling %s every %g s instead",
+                        exc.strerror, shown(self.directory), self.poll_s)
+
+    def skip_own_files(self, database: str) -> None:
+        """Never read the database's own files, nor a stderr redirected into DIRECTORY."""
+        base = os.fsencode(os.path.abspath(database))
+        for suffix in DB_SUFFIXES:
+            try:
+                st = os.stat(base + suffix)
+            except OSError:
+                continue    # -wal and -shm come and go with connections
+            self.skip.add((st.st_dev, st.st_ino))
+        self.skip_names = {os.path.basename(base) + s for s in DB_SUFFIXES
+                           if os.path.dirname(base) == self.directory}
+        try:
+            st = os.fstat(sys.stderr.fileno())
+        except (OSError, ValueError, AttributeError):
+            return      # no stderr at all (closed by the caller)
+        if stat.S_ISREG(st.st_mode):
+            self.skip.add((st.st_dev, st.st_ino))
+
+    def load(self) -> None:
+        """Files the database follows in DIRECTORY, to be matched while scanning."""
+        prefix = self.directory + b"/"
+        for row in self.store.files():
+            path = row.path_bytes if row.path_bytes is not None else os.fsencode(row.path)
+            if path.startswith(prefix) and b"/" not in path[len(prefix):]:
+                self.resumable[(row.dev, row.ino)] = row
+
+    # -- the loop --------------------------------------------------------------
+
+    def run(self) -> None:
+        """Catch up, then follow events until SIGTERM/SIGINT (or, with --once, until caught up)."""
+        self.watch()
+        self.scan(startup=True)
+        for key, row in list(self.resumable.items()):
+            log.info("%s: gone while stopped; its unread bytes, if any, are lost", row.path)
+            self.gone.append((utc_now(), row.id))
+            del self.resumable[key]
+        if not self.options.once:
+            how = (f"polling every {self.poll_s:g} s" if self.poll_s is not None
+                   else f"inotify via {binding_name()}")
+            log.info("watching %s: %d files (%s)", shown(self.directory), len(self.names), how)
+        while not self.stopping:
+            if self.options.once and not (self.pending or self.dirty or self.retry_at):
+                break
+            self.step()
+        self.finish()
+
+    def step(self) -> None:
+        """One wake-up: wait for events or the next deadline, then do what is due."""
+        rlist = [self.wake_r]
+        if self.inotify_fd is not None:
+            rlist.append(self.inotify_fd)
+        ready, _, _ = select.select(rlist, [], [], self.timeout(time.monotonic()))
+        if self.wake_r in ready:
+            while True:
+                try:
+                    if not os.read(self.wake_r, 512):
+                        break
+                except BlockingIOError:
+                    break   # drained: the handlers have already set their flags
+        if self.inotify_fd is not None and self.inotify_fd in ready:
+            for event in get_events(self.inotify_fd):
+                self.dispatch(event)
+        self.work(time.monotonic())
+
+    def timeout(self, now: float):
+        """Seconds until the next due thing, 0 when work waits, None when nothing is due."""
+        if self.retry_at is not None:
+            return max(0.0, self.retry_at - now)
+        if self.pending or self.dirty or self.stopping:
+            return 0
+        due = [self.rescan_at]
+        for t in self.holding():
+            due.append(t.last_data + HOLD_S)
+        if self.detached:
+            due.append(now + DETACHED_POLL_S)
+        return max(0.0, min(due) - now)
+
+    def dispatch(self, event: Event) -> None:
+        if event.mask & IN_Q_OVERFLOW:
+            log.warning("inotify queue overflowed: rescanning %s", shown(self.directory))
+            self.rescan_at = 0.0
+        elif event.wd != self.wd:
+            return      # an old watch's last events (IN_IGNORED after rm_watch)
+        elif not event.name:
+            if event.mask & DIR_GONE:
+                self.lose_directory()
+        elif not event.mask & IN_ISDIR:
+            self.dirty[event.name] = self.dirty.get(event.name, 0) | event.mask
+
+    def work(self, now: float) -> None:
+        if self.retry_at is not None:
+            if now < self.retry_at:
+                return
+            self.retry_at = None
+        if self.directory_missing and now >= self.rescan_at:
+            self.find_directory()
+        if now >= self.rescan_at and not self.directory_missing:
+            self.scan()
+        dirty, self.dirty = self.dirty, {}
+        for name, mask in dirty.items():
+            self.refresh(name, mask)
+            if mask & IN_CLOSE_WRITE and name in self.names:
+                self.names[name].last_data = 0.0    # its writer is done: no need to hold
+        self.read_pending()
+        self.flush_quiet(time.monotonic())
+        self.check_detached(time.monotonic())
+        self.commit()
+
+    def finish(self) -> None:
+        """After SIGTERM or --once: read what was written, store it with held entries, stop."""
+        deadline = time.monotonic() + STOP_BUDGET_S
+        if self.inotify_fd is not None:
+            for event in get_events(self.inotify_fd):
+                self.dispatch(event)
+        if self.retry_at is None:
+            dirty, self.dirty = self.dirty, {}
+            for name, mask in dirty.items():
+                self.refresh(name, mask)
+            for t in self.tracked.values():
+                if t.fd is not None:
+                    self.pending[t] = None
+            while self.pending and time.monotonic() < deadline:
+                self.read_pending()
+                self.commit()
+            for t in list(self.holding()):
+                self.add_rows(t, t.builder.flush())
+            self.commit()
+        if self.retry_at is not None:
+            log.warning("stopping with the database unavailable; what is not stored yet "
+                        "will be read again on the next start")
+        for t in self.tracked.values():
+            if t.fd is not None:
+                os.close(t.fd)
+                t.fd = None
+
+    # -- files -----------------------------------------------------------------
+
+    def wanted(self, name: bytes) -> bool:
+        if name in self.skip_names:
+            return False
+        text = os.fsdecode(name)
+        if self.options.include and not any(fnmatch.fnmatchcase(text, p)
+                                            for p in self.options.include):
+            return False
+        return not any(fnmatch.fnmatchcase(text, p) for p in self.options.exclude)
+
+    def scan(self, startup: bool = False) -> None:
+        """Look at every name in DIRECTORY: the start, an overflow, polling, reconciliation."""
+        self.rescan_at = time.monotonic() + (self.poll_s or RECONCILE_S)
+        try:
+            with os.scandir(self.directory) as entries:
+                names = {entry.name for entry in entries}
+        except OSError as exc:
+            if startup:
+                raise Fatal(f"cannot read directory {shown(self.directory)!r}: {exc.strerror}")
+            self.lose_directory()
+            return
+        for name in list(self.names):
+            if name not in names:
+                self.lose_name(name)
+        for name in sorted(names):
+            t = self.names.get(name)
+            if t is not None and t.fd is not None:
+                self.pending[t] = None      # cheap: read() stats it and returns if unchanged
+            else:
+                self.refresh(name, NAME_CHANGES, startup=startup)
+
+    def refresh(self, name: bytes, mask: int, startup: bool = False) -> None:
+        """Bring one name up to date after events on it; queue its file for reading."""
+        t = self.names.get(name)
+        if t is not None and t.fd is not None and not mask & NAME_CHANGES:
+            self.pending[t] = None      # same file under the same name: just read on
+            return
+        if not self.wanted(name):
+            return
+        path = os.path.join(self.directory, name)
+        try:
+            fd = open_file(path, self.options.follow_symlinks)
+        except FileNotFoundError:
+            if t is not None:
+                self.lose_name(name)
+            return
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                self.warn_once(name, "symlink", logging.INFO,
+                               "%s: a symlink, not followed (see --follow-symlinks)")
+            elif exc.errno == errno.ENXIO:
+                self.warn_once(name, "special", logging.INFO, "%s: not a regular file, skipped")
+            else:
+                self.warn_once(name, exc.errno, logging.WARNING, "%s: cannot read: %s",
+                               exc.strerror)
+            return
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        if not stat.S_ISREG(st.st_mode) or key in self.skip:
+            if not stat.S_ISREG(st.st_mode):
+                self.warn_once(name, "special", logging.INFO, "%s: not a regular file, skipped")
+            os.close(fd)
+            return
+        if self.warned:
+            self.warned = {w for w in self.warned if w[0] != name}
+        current = self.tracked.get(key)
+        if t is not None and t is not current:
+            self.lose_name(name)
+        if current is None:
+            current = self.track(name, fd, st, startup)
+        elif current.fd is None:
+            current.fd = fd     # reopened after it was closed as idle; read() checks its head
+        else:
+            os.close(fd)
+        if current.name != name:
+            if current.name is not None:
+                log.info("%s: renamed to %s", shown(current.name), shown(name))
+            self.set_name(current, name)
+        self.names[name] = current
+        self.pending[current] = None
+
+    def set_name(self, t: Tracked, name: bytes) -> None:
+        t.name = name
+        path = os.path.join(self.directory, name)
+        try:
+            t.path, t.path_bytes = path.decode("utf-8"), None
+        except UnicodeDecodeError:
+            t.path, t.path_bytes = shown(path), path
+        self.detached.pop(t, None)
+        self.touched[t] = None
+
+    def lose_name(self, name: bytes) -> None:
+        """name no longer leads to its file: read that file until it is quiet."""
+        t = self.names.pop(name)
+        if t.name == name:
+            t.name = None
+            t.last_data = time.monotonic()
+            self.detached[t] = None
+            self.pending[t] = None
+
+    def track(self, name: bytes, fd: int, st, startup: bool) -> Tracked:
+        """Follow a file seen for the first time since the start: resume it or begin it."""
+        key = (st.st_dev, st.st_ino)
+        row = self.resumable.pop(key, None)
+        t = Tracked(None, None, None, st.st_dev, st.st_ino, fd, utc_now())
+        if row is not None and self.resumes(row, fd, st.st_size):
+            t.id, t.first_seen = row.id, row.first_seen
+            t.offset, t.fingerprint, t.check, t.part, t.format = (
+                row.offset, row.fingerprint, row.resume_hash, row.part, row.format)
+            if row.offset > st.st_size:
+                log.info("%s: shrank below its offset while stopped; reading it again",
+                         shown(name))
+                t.offset = 0
+        else:
+            if row is not None:
+                log.info("%s: a new file under a reused inode; reading it from the start",
+                         shown(name))
+                self.gone.append((utc_now(), row.id))
+            t.id = self.next_id
+            self.next_id += 1
+            if startup and self.options.from_end:
+                t.offset = last_line_end(fd, st.st_size)
+        t.pos = t.offset
+        t.builder = self.new_builder(t)
+        self.tracked[key] = t
+        self.touched[t] = None
+        return t
+
+    def resumes(self, row: StoredFile, fd: int, size: int) -> bool:
+        """Is this file the one the row describes? First bytes and the bytes before the offset."""
+        if os.pread(fd, len(row.fingerprint), 0) != row.fingerprint:
+            return False
+        if row.offset > size or row.resume_hash is None:
+            return True     # shrank (copytruncate): read again from 0 as the same file
+        start = max(0, row.offset - RESUME_CHECK_BYTES)
+        return resume_hash(os.pread(fd, row.offset - start, start)) == row.resume_hash
+
+    def new_builder(self, t: Tracked) -> EntryBuilder:
+        return EntryBuilder(t.id, self.parse_options, self.stamps, t.format, t.part)
+
+    def read_pending(self) -> None:
+        """Read queued files, ROUND_BYTES at most per round so that signals stay prompt."""
+        budget = ROUND_BYTES
+        for t in list(self.pending):
+            if budget <= 0:
+                return
+            try:
+                done, used = self.read(t, budget)
+            except OSError as exc:
+                done, used = True, 0
+                self.warn_once(t.name or b"?", exc.errno, logging.WARNING,
+                               "%s: read failed: %s", exc.strerror)
+            budget -= used
+            if done:
+                self.pending.pop(t, None)
+
+    def read(self, t: Tracked, budget: int):
+        """Read t from its position; returns (caught up?, bytes read)."""
+        if t.fd is None:
+            return True, 0
+        st = os.fstat(t.fd)
+        t.last_used = time.monotonic()
+        head = os.pread(t.fd, len(t.fingerprint), 0) if t.fingerprint else b""
+        verdict = classify(t.pos, t.fingerprint, st.st_size, head)
+        if verdict in (TRUNCATED, REPLACED):
+            log.info("%s: %s; reading it again from the start", shown(t.name or t.path),
+                     "truncated" if verdict == TRUNCATED else "rewritten")
+            self.add_rows(t, t.builder.flush())
+            t.pos, t.fingerprint, t.part = 0, b"", None
+            if self.parse_options.format == "auto":
+                t.format = None     # new content: decide its format again
+            t.builder = self.new_builder(t)
+            self.touched[t] = None
+        elif verdict == UNCHANGED:
+            t.size = st.st_size
+            return True, 0
+        used = 0
+        window = max(READ_CHUNK, self.parse_options.max_entry_bytes)
+        while used < budget and t.pos < st.st_size:
+            data, end, rest = read_complete(t.fd, t.pos, window)
+            if data:
+                self.add_rows(t, t.builder.feed(data, t.pos, st.st_mtime))
+            elif len(rest) >= self.parse_options.max_entry_bytes:
+                if t.builder.part is None:
+                    log.warning("%s: a line at offset %d is longer than %d bytes; stored in "
+                                "pieces", shown(t.name or t.path), t.pos,
+                                self.parse_options.max_entry_bytes)
+                piece = rest[:utf8_boundary(rest, self.parse_options.max_entry_bytes)]
+                self.add_rows(t, t.builder.feed_piece(piece, t.pos))
+                end = t.pos + len(piece)
+            else:
+                break       # a partial last line: it waits for its newline
+            used += end - t.pos
+            t.pos = end
+            t.last_data = time.monotonic()
+        t.size = st.st_size
+        self.touched[t] = None
+        return used < budget, used
+
+    def add_rows(self, t: Tracked, rows: list) -> None:
+        if rows:
+            self.rows.extend(rows)
+            self.touched[t] = None
+
+    def holding(self):
+        """Files whose builder holds back a last entry."""
+        return [t for t in self.tracked.values() if t.builder.held is not None]
+
+    def flush_quiet(self, now: float) -> None:
+        """A held entry whose file has been quiet for HOLD_S (or closed) is complete."""
+        for t in self.holding():
+            if now - t.last_data >= HOLD_S:
+                self.add_rows(t, t.builder.flush())
+
+    def check_detached(self, now: float) -> None:
+        """Renamed-away and deleted files get no events: poll them until quiet, then close."""
+        for t in list(self.detached):
+            if t.name is not None:
+                del self.detached[t]
+            elif now - t.last_data < ROTATE_WAIT_S or t.builder.held is not None:
+                self.pending[t] = None
+            elif t not in self.pending and t not in self.touched and t.pos >= t.size:
+                del self.detached[t]
+                self.forget(t)
+
+    def forget(self, t: Tracked) -> None:
+        """Stop following a file that left DIRECTORY, once all of it is read."""
+        if t.fd is not None:
+            deleted = os.fstat(t.fd).st_nlink == 0
+            os.close(t.fd)
+            t.fd = None
+        else:
+            deleted = False
+        del self.tracked[(t.dev, t.ino)]
+        self.touched.pop(t, None)
+        if deleted:
+            self.gone.append((utc_now(), t.id))
+        else:
+            # Moved out of DIRECTORY: if it comes back, it resumes where it was.
+            self.resumable[(t.dev, t.ino)] = StoredFile(
+                t.id, t.path, t.path_bytes, t.dev, t.ino, t.offset, t.fingerprint,
+                t.check, t.part, t.format, t.first_seen)
+
+    def lose_directory(self) -> None:
+        """DIRECTORY was deleted or moved away: read what is open, look for it again."""
+        if self.directory_missing:
+            return
+        log.warning("%s vanished; waiting for it to come back", shown(self.directory))
+        self.directory_missing = True
+        if self.wd is not None:
+            try:
+                rm_watch(self.inotify_fd, self.wd)
+            except OSError:
+                pass    # the kernel already dropped the watch (IN_IGNORED after a deletion)
+            self.wd = None
+        for name in list(self.names):
+            self.lose_name(name)
+        self.rescan_at = time.monotonic() + DIR_RETRY_S
+
+    def find_directory(self) -> None:
+        try:
+            if self.inotify_fd is not None:
+                self.wd = add_watch(self.inotify_fd, self.directory, DIR_MASK | IN_ONLYDIR)
+            elif not stat.S_ISDIR(os.stat(self.directory).st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory")
+        except OSError:
+            self.rescan_at = time.monotonic() + DIR_RETRY_S
+            return
+        log.warning("%s is back; following it again", shown(self.directory))
+        self.directory_missing = False
+        self.rescan_at = 0.0
+
+    def warn_once(self, name: bytes, what, level: int, message: str, *args) -> None:
+        if (name, what) not in self.warned:
+            self.warned.add((name, what))
+            log.log(level, message, shown(name), *args)
+
+    # -- storing ---------------------------------------------------------------
+
+    def file_row(self, t: Tracked, now: str):
+        offset = t.builder.held_offset(t.pos)
+        fingerprint = t.fingerprint
+        if t.fd is not None and len(fingerprint) < min(offset, FINGERPRINT_BYTES):
+            fingerprint = os.pread(t.fd, min(offset, FINGERPRINT_BYTES), 0)
+        start = max(0, offset - RESUME_CHECK_BYTES)
+        check = resume_hash(os.pread(t.fd, offset - start, start)) if t.fd is not None else None
+        return (t.id, t.path, t.path_bytes, t.dev, t.ino, offset, fingerprint, check,
+                t.builder.part, t.builder.format, t.first_seen, now, None)
+
+    def commit(self) -> None:
+        """Store the batch with the files' new offsets; on a fault, rewind and retry later."""
+        if not (self.rows or self.touched or self.gone):
+            return
+        touched = list(self.touched)
+        files = [self.file_row(t, utc_now()) for t in touched]
+        try:
+            self.store.commit(self.rows, files, self.gone)
+        except sqlite3.Error as exc:
+            if not is_transient(exc):
+                raise
+            self.rows = []
+            for t in touched:
+                t.pos = t.offset
+                t.builder = self.new_builder(t)
+                self.pending[t] = None
+            if self.retry_s == RETRY_MIN_S:
+                log.error("cannot store entries: %s; retrying until it works", exc)
+            self.retry_at = time.monotonic() + self.retry_s
+            self.retry_s = min(self.retry_s * 2, RETRY_MAX_S)
+            return
+        if self.retry_s != RETRY_MIN_S:
+            log.warning("database writable again; storing resumed")
+            self.retry_s = RETRY_MIN_S
+        self.stats["entries"] += len(self.rows)
+        for t, row in zip(touched, files):
+            t.offset, t.fingerprint, t.check, t.part, t.format = row[5:10]
+        self.rows = []
+        self.touched = {}
+        self.gone = []
+
+
+def last_line_end(fd: int, size: int) -> int:
+    """Offset just past the last newline before size (0 when there is none)."""
+    end = size
+    while end > 0:
+        start = max(0, end - READ_CHUNK)
+        cut = os.pread(fd, end - start, start).rfind(b"\n")
+        if cut >= 0:
+            return start + cut + 1
+        end = start
+    return 0
+
+
+# CLI and main #################################################################
+
+EXAMPLES = """\
+examples:
+  logtail2db.py /var/log/app app.db             follow until SIGTERM/SIGINT
+  logtail2db.py --once /var/log/app app.db      catch up, then exit (cron, scripts)
+  sqlite3 app.db "SELECT ts, level, message FROM entries ORDER BY id DESC LIMIT 20"
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="logtail2db.py",
+        description="Tail the log files of DIRECTORY into the SQLite DATABASE, exactly once: "
+                    "every complete line is stored once, across restarts, kill -9 and "
+                    "log rotation.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("directory", metavar="DIRECTORY", help="the directory of log files")
+    parser.add_argument("database", metavar="DATABASE",
+                        help="the SQLite database (created when missing)")
+    run = parser.add_argument_group("running")
+    run.add_argument("--once", action="store_true",
+                     help="catch up with every file, then exit")
+    run.add_argument("--from-end", action="store_true",
+                     help="a file found at start-up that the database has never seen starts "
+                          "at its end (files created later are read from their start)")
+    run.add_argument("--poll", type=positive_float, metavar="SECONDS",
+                     help="scan by stat() every SECONDS instead of using inotify "
+                          "(NFS and other filesystems without events)")
+    files = parser.add_argument_group("files")
+    files.add_argument("--include", action="append", default=[], metavar="GLOB",
+                       help="read only file names matching GLOB (repeatable)")
+    files.add_argument("--exclude", action="append", default=list(DEFAULT_EXCLUDES),
+                       metavar="GLOB",
+                       help="skip file names matching GLOB (repeatable; compressed "
+                            "rotations are always skipped: %s)" % " ".join(DEFAULT_EXCLUDES))
+    files.add_argument("--follow-symlinks", action="store_true",
+                       help="read files that symlinks in DIRECTORY point to")
+    entries = parser.add_argument_group("entries")
+    entries.add_argument("--format", default="plain", choices=["plain"],
+                         help="how lines are parsed (default: %(default)s)")
+    entries.add_argument("--pattern", metavar="REGEX", default=None, help=argparse.SUPPRESS)
+    entries.add_argument("--multiline-start", metavar="REGEX", default=None,
+                         help=argparse.SUPPRESS)
+    entries.add_argument("--max-entry-bytes", type=positive_int, default=MAX_ENTRY_BYTES,
+                         metavar="N", help="longer entries are stored in pieces "
+                                           "(default: %(default)s)")
+    entries.add_argument("--max-entry-lines", type=positive_int, default=MAX_ENTRY_LINES,
+                         metavar="N", help=argparse.SUPPRESS)
+    output = parser.add_argument_group("diagnostics")
+    output.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more diagnostics on stderr")
+    output.add_argument("-q", "--quiet", action="count", default=0,
+                        help="fewer diagnostics on stderr (-qq: errors only)")
+    output.add_argument("--version", action="version", version=version_text())
+    return parser
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
+def version_text() -> str:
+    return (f"logtail2db {__version__} (inotify binding: {binding_name()}, "
+            f"SQLite {sqlite3.sqlite_version}, Python {sys.version.split()[0]})")
+
+
+class _Formatter(logging.Formatter):
+    """'logtail2db: warning: ...', with the time in front unless a terminal or the
+    journal (which stamps lines itself) reads stderr."""
+
+    def __init__(self, stamped: bool):
+        super().__init__()
+        self.stamped = stamped
+
+    def format(self, record):
+        text = f"logtail2db: {record.levelname.lower()}: {record.getMessage()}"
+        if self.stamped:
+            text = time.strftime("%Y-%m-%d %H:%M:%S ", time.localtime(record.created)) + text
+        return text
+
+
+def setup_logging(verbosity: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    stamped = not (sys.stderr.isatty() or os.environ.get("JOURNAL_STREAM"))
+    handler.setFormatter(_Formatter(stamped))
+    log.addHandler(handler)
+    log.setLevel({-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
+        max(verbosity, -2), logging.DEBUG))
+    log.propagate = False
+
+
+def run(args) -> int:
+    directory = os.path.abspath(os.fsencode(args.directory))
+    try:
+        if not stat.S_ISDIR(os.stat(directory).st_mode):
+            raise Fatal(f"{args.directory!r} is not a directory")
+    except OSError as exc:
+        raise Fatal(f"directory {args.directory!r}: {exc.strerror}")
+    store = open_store(args.database)
+    try:
+        tailer = Tailer(directory, store, args)
+        tailer.skip_own_files(args.database)
+        tailer.load()
+        tailer.install_signals()
+        started = time.monotonic()
+        tailer.run()
+        log.info("stopped: %d entries stored in %.1f s", tailer.stats["entries"],
+                 time.monotonic() - started)
+    finally:
+        store.close()
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)     # usage errors: argparse exits 2
+    setup_logging(args.verbose - args.quiet)
+    try:
+        return run(args)
+    except Fatal as exc:
+        message = str(exc)
+    except sqlite3.Error as exc:
+        message = f"database: {exc}"
+    except OSError as exc:
+        message = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+    sys.stderr.write(f"logtail2db: error: {message}\n")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

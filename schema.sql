@@ -1,0 +1,48 @@
+-- logtail2db schema, version 1 (kept in PRAGMA user_version).
+-- Applied when the database is new; logtail2db.py carries the same text.
+
+-- One row per file identity: (dev, ino) guarded by the file's first bytes.
+CREATE TABLE files (
+    id          INTEGER PRIMARY KEY,
+    path        TEXT NOT NULL,      -- absolute path it was last seen under; bytes that are
+                                    -- not UTF-8 appear as \xNN (see path_bytes)
+    path_bytes  BLOB,               -- the exact path when it is not valid UTF-8, else NULL
+    dev         INTEGER,
+    ino         INTEGER,
+    offset      INTEGER NOT NULL,   -- every byte before it is stored in entries
+    fingerprint BLOB NOT NULL,      -- the file's first bytes (up to 1024) as stored
+    resume_hash BLOB,               -- hash of the bytes just before offset, checked on resume
+    part        INTEGER,            -- offset is inside an over-long line: its next piece
+    format      TEXT,               -- how its lines are parsed (plain, syslog, json, ...)
+    first_seen  TEXT NOT NULL,      -- UTC, 'YYYY-MM-DD HH:MM:SS'
+    updated     TEXT NOT NULL,      -- when offset last moved
+    gone        TEXT                -- when it was found deleted or moved away; never resumed
+);
+CREATE INDEX files_identity ON files(ino, dev);
+
+-- One row per log entry: a line, or a multi-line entry such as a stack trace.
+CREATE TABLE entries (
+    id       INTEGER PRIMARY KEY,
+    file_id  INTEGER NOT NULL REFERENCES files(id),
+    offset   INTEGER NOT NULL,      -- byte offset of the entry's first byte in its file
+    ts       TEXT,                  -- UTC 'YYYY-MM-DD HH:MM:SS[.ffffff]', NULL when unknown
+    host     TEXT,
+    program  TEXT,
+    pid      INTEGER,
+    level    TEXT,                  -- trace debug info notice warning error critical alert emergency
+    fields   TEXT,                  -- other parsed fields, a JSON object
+    raw      NOT NULL,              -- the entry without its final '\n' or '\r\n': TEXT, or a BLOB
+                                    -- when it is not valid UTF-8; CAST(raw AS BLOB) = its bytes
+    msg      TEXT,                  -- the message when it is not the tail of raw (else NULL)
+    msg_at   INTEGER NOT NULL DEFAULT 1,   -- where the message starts in raw (1-based)
+    part     INTEGER,               -- 1, 2, ... for pieces of an entry over --max-entry-bytes
+    message  TEXT NOT NULL GENERATED ALWAYS AS (coalesce(msg, substr(raw, msg_at))) VIRTUAL
+);
+
+-- Who is writing: the pid of the running tailer, for the refusal message.
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value
+);
+
+PRAGMA user_version = 1;
