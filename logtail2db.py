@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import select
 import signal
 import sqlite3
@@ -60,6 +61,7 @@ RECONCILE_S = 60.0              # a full rescan this often: a backstop for misse
 DEFAULT_POLL_S = 1.0            # --poll interval when inotify cannot be had
 HOLD_S = 1.0                    # a last multi-line entry is complete after this much quiet
 MAX_ENTRY_LINES = 500           # default --max-entry-lines
+MAX_OPEN_FILES = 256            # default --max-open-files, lowered for a small RLIMIT_NOFILE
 DEFAULT_EXCLUDES = ("*.gz", "*.bz2", "*.xz", "*.zst", "*.zip", "*.lz4", "*.Z")
 DB_SUFFIXES = (b"", b"-wal", b"-shm", b"-journal")
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -267,10 +269,14 @@ def resume_hash(data: bytes) -> bytes:
 
 
 def utf8_boundary(data: bytes, cut: int) -> int:
-    """The largest cut <= cut that does not split a UTF-8 sequence (at most 3 back)."""
-    for back in range(min(3, cut)):
-        if data[cut - back] & 0xC0 != 0x80:
-            return cut - back
+    """The largest cut' <= cut at which data does not split a UTF-8 character, so that
+    the pieces of an over-long line each decode (data that is not UTF-8 cuts anywhere)."""
+    cut = min(cut, len(data))
+    for back in range(1, min(4, cut) + 1):
+        byte = data[cut - back]
+        if byte & 0xC0 != 0x80:     # an ASCII or lead byte: how long is its character?
+            size = 1 if byte < 0x80 else 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return cut if back >= size else cut - back
     return cut
 
 
@@ -336,7 +342,7 @@ class EntryBuilder:
             # The first line ends an over-long line stored in pieces so far.
             cut = data.index(b"\n") + 1
             rows.extend(self.flush())
-            rows.append(self._piece(data[:cut - 1], offset, last=True))
+            rows.extend(self._pieces(data[:cut - 1], offset))
             data, offset = data[cut:], offset + cut
         if not data:
             return rows
@@ -422,7 +428,10 @@ class EntryBuilder:
             cut = utf8_boundary(data, self.options.max_entry_bytes)
             rows.append(self._piece(data[:cut], offset, last=False))
             data, offset = data[cut:], offset + cut
-        rows.append(self._piece(data, offset, last=True))
+        if data or self.part is None:
+            rows.append(self._piece(data, offset, last=True))
+        else:
+            self.part = None    # the newline came right after the last full piece
         return rows
 
     def _piece(self, data: bytes, offset: int, last: bool):
@@ -623,7 +632,15 @@ class Store:
         self.lock_fd = lock_fd
 
     def prepare(self, path: str) -> None:
+        """Check the schema before changing a byte, then WAL mode, then schema up to date."""
         conn = self.conn
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise Fatal(f"{path!r} has schema version {version}, newer than this logtail2db "
+                        f"{__version__} knows ({SCHEMA_VERSION}); use a newer logtail2db")
+        if version == 0 and conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]:
+            raise Fatal(f"{path!r} is an SQLite database of another program "
+                        "(it has tables but no logtail2db schema); left untouched")
         mode = conn.execute("PRAGMA journal_mode = wal").fetchone()[0]
         if mode != "wal":
             log.warning("%s: WAL mode unavailable (journal_mode=%s): readers may block writes",
@@ -631,15 +648,7 @@ class Store:
         # In WAL mode NORMAL loses no consistency: a power cut can only roll back the last
         # transactions, entries and offsets together, and they are read again.
         conn.execute("PRAGMA synchronous = normal")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise Fatal(f"{path!r} has schema version {version}, newer than this logtail2db "
-                        f"{__version__} knows ({SCHEMA_VERSION}); use a newer logtail2db")
         if version == 0:
-            tables = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
-            if tables:
-                raise Fatal(f"{path!r} is an SQLite database of another program "
-                            "(it has tables but no logtail2db schema); left untouched")
             self.script(SCHEMA)
         elif version < SCHEMA_VERSION:
             log.info("%s: migrating schema %d -> %d", path, version, SCHEMA_VERSION)
@@ -750,6 +759,10 @@ class Tailer:
         self.rows = []          # entries of the next commit
         self.gone = []          # (time, id) of stored files found gone
         self.detached = {}      # Tracked -> None: no longer under any name, read until quiet
+        self.holders = set()    # Tracked whose builder holds back a last entry
+        self.link_watches = {}  # wd -> names: watches on symlink targets (--follow-symlinks)
+        self.open_count = 0     # tracked files with an open fd, at most max_open once idle
+        self.max_open = options.max_open_files
         self.skip = set()       # (dev, ino) never read: the database's own files
         self.warned = set()     # (name, what): warnings given once
         self.next_id = store.max_file_id() + 1
@@ -865,7 +878,7 @@ class Tailer:
         if self.pending or self.dirty or self.stopping:
             return 0
         due = [self.rescan_at]
-        for t in self.holding():
+        for t in self.holders:
             due.append(t.last_data + HOLD_S)
         if self.detached:
             due.append(now + DETACHED_POLL_S)
@@ -875,6 +888,11 @@ class Tailer:
         if event.mask & IN_Q_OVERFLOW:
             log.warning("inotify queue overflowed: rescanning %s", shown(self.directory))
             self.rescan_at = 0.0
+        elif event.wd in self.link_watches:
+            if event.mask & IN_IGNORED:
+                del self.link_watches[event.wd]     # the target is gone
+            for name in self.link_watches.get(event.wd, ()):
+                self.dirty[name] = self.dirty.get(name, 0) | event.mask
         elif event.wd != self.wd:
             return      # an old watch's last events (IN_IGNORED after rm_watch)
         elif not event.name:
@@ -901,6 +919,7 @@ class Tailer:
         self.flush_quiet(time.monotonic())
         self.check_detached(time.monotonic())
         self.commit()
+        self.close_idle()
 
     def finish(self) -> None:
         """After SIGTERM or --once: read what was written, store it with held entries, stop."""
@@ -918,16 +937,14 @@ class Tailer:
             while self.pending and time.monotonic() < deadline:
                 self.read_pending()
                 self.commit()
-            for t in list(self.holding()):
+            for t in list(self.holders):
                 self.add_rows(t, t.builder.flush())
             self.commit()
         if self.retry_at is not None:
             log.warning("stopping with the database unavailable; what is not stored yet "
                         "will be read again on the next start")
         for t in self.tracked.values():
-            if t.fd is not None:
-                os.close(t.fd)
-                t.fd = None
+            self.close(t)
 
     # -- files -----------------------------------------------------------------
 
@@ -942,10 +959,10 @@ class Tailer:
 
     def scan(self, startup: bool = False) -> None:
         """Look at every name in DIRECTORY: the start, an overflow, polling, reconciliation."""
-        self.rescan_at = time.monotonic() + (self.poll_s or RECONCILE_S)
+        self.rescan_at = time.monotonic() + (self.poll_s or self.options.rescan)
         try:
             with os.scandir(self.directory) as entries:
-                names = {entry.name for entry in entries}
+                names = {entry.name: entry.inode() for entry in entries}
         except OSError as exc:
             if startup:
                 raise Fatal(f"cannot read directory {shown(self.directory)!r}: {exc.strerror}")
@@ -956,15 +973,18 @@ class Tailer:
                 self.lose_name(name)
         for name in sorted(names):
             t = self.names.get(name)
-            if t is not None and t.fd is not None:
+            if t is not None and t.ino == names[name]:
                 self.pending[t] = None      # cheap: read() stats it and returns if unchanged
-            else:
-                self.refresh(name, NAME_CHANGES, startup=startup)
+                continue
+            self.refresh(name, NAME_CHANGES, startup=startup)
+            if self.open_count >= self.max_open:
+                self.commit()       # new files are stored, so they may be closed
+                self.close_idle()
 
     def refresh(self, name: bytes, mask: int, startup: bool = False) -> None:
         """Bring one name up to date after events on it; queue its file for reading."""
         t = self.names.get(name)
-        if t is not None and t.fd is not None and not mask & NAME_CHANGES:
+        if t is not None and not mask & NAME_CHANGES:
             self.pending[t] = None      # same file under the same name: just read on
             return
         if not self.wanted(name):
@@ -1001,9 +1021,11 @@ class Tailer:
         if current is None:
             current = self.track(name, fd, st, startup)
         elif current.fd is None:
-            current.fd = fd     # reopened after it was closed as idle; read() checks its head
+            self.opened(current, fd)    # it was closed as idle; read() checks its first bytes
         else:
             os.close(fd)
+        if self.options.follow_symlinks and self.inotify_fd is not None:
+            self.watch_link(name, path)
         if current.name != name:
             if current.name is not None:
                 log.info("%s: renamed to %s", shown(current.name), shown(name))
@@ -1021,10 +1043,34 @@ class Tailer:
         self.detached.pop(t, None)
         self.touched[t] = None
 
+    def watch_link(self, name: bytes, path: bytes) -> None:
+        """A followed symlink's target changes without events in DIRECTORY: watch it too."""
+        if not os.path.islink(path):
+            return
+        try:
+            wd = add_watch(self.inotify_fd, path, IN_MODIFY | IN_CLOSE_WRITE)
+        except OSError as exc:
+            self.warn_once(name, "link", logging.WARNING,
+                           "%s: cannot watch the symlink's target (%s); it is rescanned", exc)
+            return
+        self.link_watches.setdefault(wd, set()).add(name)
+
     def lose_name(self, name: bytes) -> None:
         """name no longer leads to its file: read that file until it is quiet."""
+        for wd, names in list(self.link_watches.items()):
+            names.discard(name)
+            if not names:
+                del self.link_watches[wd]
+                try:
+                    rm_watch(self.inotify_fd, wd)
+                except OSError:
+                    pass    # the target is gone, and its watch with it
         t = self.names.pop(name)
         if t.name == name:
+            for other, u in self.names.items():
+                if u is t:      # a hard link, or a rename seen before this name's loss
+                    self.set_name(t, other)
+                    return
             t.name = None
             t.last_data = time.monotonic()
             self.detached[t] = None
@@ -1034,7 +1080,8 @@ class Tailer:
         """Follow a file seen for the first time since the start: resume it or begin it."""
         key = (st.st_dev, st.st_ino)
         row = self.resumable.pop(key, None)
-        t = Tracked(None, None, None, st.st_dev, st.st_ino, fd, utc_now())
+        t = Tracked(None, None, None, st.st_dev, st.st_ino, None, utc_now())
+        self.opened(t, fd)
         if row is not None and self.resumes(row, fd, st.st_size):
             t.id, t.first_seen = row.id, row.first_seen
             t.offset, t.fingerprint, t.check, t.part, t.format = (
@@ -1068,13 +1115,55 @@ class Tailer:
         return resume_hash(os.pread(fd, row.offset - start, start)) == row.resume_hash
 
     def new_builder(self, t: Tracked) -> EntryBuilder:
+        self.holders.discard(t)
         return EntryBuilder(t.id, self.parse_options, self.stamps, t.format, t.part)
 
+    def opened(self, t: Tracked, fd: int) -> None:
+        t.fd = fd
+        self.open_count += 1
+
+    def close(self, t: Tracked) -> None:
+        if t.fd is not None:
+            os.close(t.fd)
+            t.fd = None
+            self.open_count -= 1
+
+    def close_idle(self) -> None:
+        """Keep at most max_open files open: close the least recently read of those that
+        hold nothing unstored. They are reopened by name, and checked, when needed."""
+        if self.open_count <= self.max_open:
+            return
+        idle = [t for t in self.tracked.values()
+                if t.fd is not None and t.name is not None and t not in self.touched
+                and t not in self.holders]
+        idle.sort(key=lambda t: t.last_used)
+        for t in idle[:self.open_count - self.max_open * 3 // 4]:
+            self.close(t)
+
+    def reopen(self, t: Tracked) -> bool:
+        """Open a file closed as idle again, by its name, if that still leads to it."""
+        name = t.name
+        if name is None:
+            return False
+        try:
+            fd = open_file(os.path.join(self.directory, name), self.options.follow_symlinks)
+        except OSError:
+            self.dirty[name] = NAME_CHANGES     # gone or changed: refresh() sorts it out
+            return False
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (t.dev, t.ino):
+            os.close(fd)
+            self.dirty[name] = NAME_CHANGES
+            return False
+        self.opened(t, fd)
+        return True
+
     def read_pending(self) -> None:
-        """Read queued files, ROUND_BYTES at most per round so that signals stay prompt."""
+        """Read queued files, ROUND_BYTES at most per round so that signals stay prompt,
+        and no more files than may stay open until the commit."""
         budget = ROUND_BYTES
         for t in list(self.pending):
-            if budget <= 0:
+            if budget <= 0 or len(self.touched) >= self.max_open:
                 return
             try:
                 done, used = self.read(t, budget)
@@ -1088,7 +1177,7 @@ class Tailer:
 
     def read(self, t: Tracked, budget: int):
         """Read t from its position; returns (caught up?, bytes read)."""
-        if t.fd is None:
+        if t.fd is None and not self.reopen(t):
             return True, 0
         st = os.fstat(t.fd)
         t.last_used = time.monotonic()
@@ -1125,22 +1214,22 @@ class Tailer:
             used += end - t.pos
             t.pos = end
             t.last_data = time.monotonic()
+            self.touched[t] = None
         t.size = st.st_size
-        self.touched[t] = None
         return used < budget, used
 
     def add_rows(self, t: Tracked, rows: list) -> None:
         if rows:
             self.rows.extend(rows)
             self.touched[t] = None
-
-    def holding(self):
-        """Files whose builder holds back a last entry."""
-        return [t for t in self.tracked.values() if t.builder.held is not None]
+        if t.builder.held is not None:
+            self.holders.add(t)
+        else:
+            self.holders.discard(t)
 
     def flush_quiet(self, now: float) -> None:
         """A held entry whose file has been quiet for HOLD_S (or closed) is complete."""
-        for t in self.holding():
+        for t in list(self.holders):
             if now - t.last_data >= HOLD_S:
                 self.add_rows(t, t.builder.flush())
 
@@ -1149,7 +1238,7 @@ class Tailer:
         for t in list(self.detached):
             if t.name is not None:
                 del self.detached[t]
-            elif now - t.last_data < ROTATE_WAIT_S or t.builder.held is not None:
+            elif now - t.last_data < ROTATE_WAIT_S or t in self.holders:
                 self.pending[t] = None
             elif t not in self.pending and t not in self.touched and t.pos >= t.size:
                 del self.detached[t]
@@ -1157,12 +1246,8 @@ class Tailer:
 
     def forget(self, t: Tracked) -> None:
         """Stop following a file that left DIRECTORY, once all of it is read."""
-        if t.fd is not None:
-            deleted = os.fstat(t.fd).st_nlink == 0
-            os.close(t.fd)
-            t.fd = None
-        else:
-            deleted = False
+        deleted = t.fd is not None and os.fstat(t.fd).st_nlink == 0
+        self.close(t)
         del self.tracked[(t.dev, t.ino)]
         self.touched.pop(t, None)
         if deleted:
@@ -1292,6 +1377,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--poll", type=positive_float, metavar="SECONDS",
                      help="scan by stat() every SECONDS instead of using inotify "
                           "(NFS and other filesystems without events)")
+    run.add_argument("--rescan", type=positive_float, default=RECONCILE_S, metavar="SECONDS",
+                     help="with inotify, rescan DIRECTORY this often anyway, a backstop for "
+                          "changes that give no event (default: %(default)g)")
     files = parser.add_argument_group("files")
     files.add_argument("--include", action="append", default=[], metavar="GLOB",
                        help="read only file names matching GLOB (repeatable)")
@@ -1301,6 +1389,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "rotations are always skipped: %s)" % " ".join(DEFAULT_EXCLUDES))
     files.add_argument("--follow-symlinks", action="store_true",
                        help="read files that symlinks in DIRECTORY point to")
+    files.add_argument("--max-open-files", type=positive_int, default=default_max_open(),
+                       metavar="N", help="keep at most N log files open; idle ones are closed "
+                                         "and reopened by name (default: %(default)s)")
     entries = parser.add_argument_group("entries")
     entries.add_argument("--format", default="plain", choices=["plain"],
                          help="how lines are parsed (default: %(default)s)")
@@ -1319,6 +1410,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fewer diagnostics on stderr (-qq: errors only)")
     output.add_argument("--version", action="version", version=version_text())
     return parser
+
+
+def default_max_open() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_OPEN_FILES
+    return max(8, min(MAX_OPEN_FILES, soft // 4))
 
 
 def positive_int(text: str) -> int:

@@ -491,3 +491,356 @@ def test_a_reader_in_a_transaction_does_not_stop_ingestion(tailer, logdir, db):
     assert reader.execute("SELECT count(*) FROM entries").fetchone() == (1,)    # its snapshot
     reader.execute("COMMIT")
     reader.close()
+
+
+# Bad input and faults #########################################################
+
+def fd_count(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def peak_rss_kib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_fifo_socket_device_and_subdirectory_never_block(tailer, logdir, db):
+    import socket
+    os.mkfifo(logdir / "a.fifo")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(logdir / "a.sock"))
+    (logdir / "sub").mkdir()
+    (logdir / "sub" / "inner.log").write_bytes(b"not read\n")
+    if os.geteuid() == 0:
+        os.mknod(logdir / "null", 0o600 | 0o020000, os.makedev(1, 3))   # like /dev/null
+    (logdir / "app.log").write_bytes(b"regular\n")
+    try:
+        result = run_once(logdir, db, timeout=20)
+        assert result.returncode == 0, result.stderr
+        assert raws(db) == [b"regular"]
+        assert b"a.fifo: not a regular file, skipped" in result.stderr
+        daemon = tailer()
+        fifo = os.open(logdir / "a.fifo", os.O_RDWR)     # data waits in it: events on it
+        try:
+            os.write(fifo, b"into the fifo\n")
+            append(logdir / "app.log", b"more\n")
+            wait_for(lambda: raws(db) == [b"regular", b"more"], 10, "the regular file only",
+                     lambda: raws(db))
+        finally:
+            os.close(fifo)
+        assert daemon.proc.poll() is None
+    finally:
+        sock.close()
+
+
+def test_symlinks_are_not_followed_by_default(logdir, db, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"root:x:0:0\n")
+    os.symlink(secret, logdir / "link.log")
+    (logdir / "app.log").write_bytes(b"mine\n")
+    result = run_once(logdir, db)
+    assert result.returncode == 0, result.stderr
+    assert raws(db) == [b"mine"]
+    assert b"link.log: a symlink, not followed" in result.stderr
+
+
+def test_follow_symlinks_reads_the_target_and_its_changes(tailer, logdir, db, tmp_path):
+    target = tmp_path / "elsewhere.log"
+    target.write_bytes(b"one\n")
+    os.symlink(target, logdir / "link.log")
+    tailer("--follow-symlinks")
+    wait_for(lambda: raws(db) == [b"one"], 10, "the target's line", lambda: raws(db))
+    append(target, b"two\n")        # no event in DIRECTORY: the target's own watch sees it
+    wait_for(lambda: raws(db) == [b"one", b"two"], 10, "the target's new line",
+             lambda: raws(db))
+
+
+def test_database_inside_the_directory_is_never_read(tailer, logdir):
+    db = logdir / "inside.db"
+    tailer(database=db)
+    for n in range(5):
+        append(logdir / "app.log", b"line %d\n" % n)
+        wait_for(lambda: len(raws(db)) == n + 1, 10, f"line {n}", lambda: raws(db))
+    assert query(db, "SELECT path FROM files") == [(str(logdir / "app.log"),)]
+
+
+def test_over_long_line_is_stored_in_pieces(tailer, logdir, db):
+    daemon = tailer("--max-entry-bytes", "1000")
+    line = bytes(random.Random(1).choices(b"abcdefgh\xc3\xa9", k=3500)).replace(b"\xc3\xc3", b"xx")
+    append(logdir / "app.log", b"short\n" + line[:1500])       # no newline yet: two pieces wait
+    wait_for(lambda: len(raws(db)) >= 2, 10, "the first piece", lambda: raws(db))
+    append(logdir / "app.log", line[1500:] + b"\nafter\n")
+    wait_for(lambda: raws(db)[-1:] == [b"after"], 10, "the line after", lambda: raws(db))
+    rows = query(db, "SELECT CAST(raw AS BLOB), part, offset FROM entries ORDER BY id")
+    pieces = rows[1:-1]
+    assert b"".join(r[0] for r in pieces) == line
+    assert [r[1] for r in pieces] == list(range(1, len(pieces) + 1))
+    assert all(len(r[0]) <= 1000 for r in pieces) and len(pieces) == 4
+    assert [r[2] for r in pieces][0] == 6
+    assert rows[0][1] is None and rows[-1][1] is None
+    assert daemon.stderr.count("stored in pieces") == 1
+
+
+@pytest.mark.soak
+def test_100_mb_line_without_newline_keeps_memory_bounded(tailer, logdir, db):
+    daemon = tailer()
+    chunk = b"0123456789abcdef" * 65536         # 1 MiB
+    with open(logdir / "huge.log", "wb") as file:
+        for _ in range(100):
+            file.write(chunk)
+    wait_for(lambda: query(db, "SELECT offset FROM files") == [(100 << 20,)], 120,
+             "100 MiB stored in pieces", lambda: query(db, "SELECT offset FROM files"))
+    append(logdir / "huge.log", b"\nnext\n")
+    wait_for(lambda: query(db, "SELECT raw FROM entries ORDER BY id DESC LIMIT 1") ==
+             [("next",)], 30, "the line after it")
+    assert query(db, "SELECT count(*), sum(length(raw)) FROM entries WHERE part IS NOT NULL") \
+        == [(100, 100 << 20)]
+    assert peak_rss_kib(daemon.proc.pid) < 64 * 1024
+
+
+def test_thousands_of_files_with_a_bounded_number_open(tailer, logdir, db):
+    count = 3000
+    for n in range(count):
+        (logdir / f"f{n:05d}.log").write_bytes(b"file %05d\n" % n)
+    daemon = tailer("--max-open-files", "64")
+    wait_for(lambda: len(raws(db)) == count, 60, "a line from every file",
+             lambda: len(raws(db)))
+    assert fd_count(daemon.proc.pid) <= 64 + 16
+    picked = random.Random(7).sample(range(count), 200)
+    for n in picked:
+        append(logdir / f"f{n:05d}.log", b"again %05d\n" % n)
+    wait_for(lambda: len(raws(db)) == count + 200, 30, "the appended lines",
+             lambda: len(raws(db)))
+    assert fd_count(daemon.proc.pid) <= 64 + 16
+    assert sorted(r for r in raws(db) if r.startswith(b"again")) == sorted(
+        b"again %05d" % n for n in picked)
+
+
+def test_queue_overflow_while_stopped_rescans_and_stores_everything(tailer, logdir, db):
+    daemon = tailer()
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    try:
+        limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+        files, per_file = 100, limit // 100 + 50     # more events than the queue holds
+        for k in range(per_file):
+            for n in range(files):
+                append(logdir / f"f{n:03d}.log", b"%03d %06d\n" % (n, k))
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+    wait_for(lambda: len(raws(db)) == files * per_file, 60, "every line after the overflow",
+             lambda: len(raws(db)))
+    assert "inotify queue overflowed" in daemon.stderr
+    assert len(set(raws(db))) == files * per_file
+
+
+def test_poll_mode_follows_without_inotify(tailer, logdir, db):
+    daemon = tailer("--poll", "0.2")
+    assert "polling every 0.2 s" in daemon.stderr
+    append(logdir / "app.log", b"polled\n")
+    wait_for(lambda: raws(db) == [b"polled"], 10, "a polled line", lambda: raws(db))
+    os.rename(logdir / "app.log", logdir / "app.log.1")
+    append(logdir / "app.log.1", b"tail\n")
+    append(logdir / "app.log", b"new\n")
+    wait_for(lambda: sorted(raws(db)) == [b"new", b"polled", b"tail"], 10, "after a rotation",
+             lambda: raws(db))
+
+
+def test_falls_back_to_polling_when_inotify_cannot_be_had(tailer, logdir, db):
+    knob = Path("/proc/sys/fs/inotify/max_user_instances")
+    if os.geteuid() != 0 or not os.access(knob, os.W_OK):
+        pytest.skip("needs root to lower fs.inotify.max_user_instances")
+    saved = knob.read_text()
+    knob.write_text("0")
+    try:
+        daemon = tailer()
+    finally:
+        knob.write_text(saved)
+    assert "inotify unavailable" in daemon.stderr and "polling" in daemon.stderr
+    append(logdir / "app.log", b"still read\n")
+    wait_for(lambda: raws(db) == [b"still read"], 10, "a line by polling", lambda: raws(db))
+
+
+def test_directory_removed_and_created_again(tailer, logdir, db):
+    daemon = tailer()
+    append(logdir / "a.log", b"before\n")
+    wait_for(lambda: raws(db) == [b"before"], 10, "the first line", lambda: raws(db))
+    (logdir / "a.log").unlink()
+    logdir.rmdir()
+    wait_for(lambda: "vanished" in daemon.stderr, 10, "a warning", lambda: daemon.stderr)
+    logdir.mkdir()
+    wait_for(lambda: "is back" in daemon.stderr, 10, "the directory found again",
+             lambda: daemon.stderr)
+    append(logdir / "b.log", b"after\n")
+    wait_for(lambda: raws(db) == [b"before", b"after"], 10, "a line in the new directory",
+             lambda: raws(db))
+
+
+def test_directory_moved_away_and_back(tailer, logdir, db, tmp_path):
+    daemon = tailer()
+    append(logdir / "a.log", b"one\n")
+    wait_for(lambda: raws(db) == [b"one"], 10, "the first line", lambda: raws(db))
+    logdir.rename(tmp_path / "moved")
+    wait_for(lambda: "vanished" in daemon.stderr, 10, "a warning", lambda: daemon.stderr)
+    append(tmp_path / "moved" / "a.log", b"two\n")  # written while away: read when it is back
+    (tmp_path / "moved").rename(logdir)
+    wait_for(lambda: raws(db) == [b"one", b"two"], 15, "the line written while away",
+             lambda: raws(db))
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real filesystem that fills up: a 3 MiB tmpfs (root only)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                            capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {result.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(directory) -> Path:
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as file:
+        try:
+            while True:
+                file.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler
+
+
+def test_disk_full_is_retried_and_nothing_is_lost_or_doubled(tailer, logdir, small_fs):
+    db = small_fs / "app.db"
+    daemon = tailer(database=db)
+    append(logdir / "app.log", numbered(0, 100))
+    wait_for(lambda: len(raws(db)) == 100, 10, "the first lines", lambda: len(raws(db)))
+    filler = fill(small_fs)
+    append(logdir / "app.log", numbered(100, 60000))    # about 1 MiB: cannot be stored now
+    wait_for(lambda: "cannot store entries" in daemon.stderr, 20, "the error logged",
+             lambda: daemon.stderr)
+    assert len(raws(db)) == 100
+    filler.unlink()
+    wait_for(lambda: len(raws(db)) >= 60000, 60, "every line once space is back",
+             lambda: len(raws(db)))
+    assert numbers_of(raws(db)) == list(range(60000))
+    assert daemon.stderr.count("cannot store entries") == 1
+    assert "writable again" in daemon.stderr
+
+
+def test_locked_database_is_retried(tailer, logdir, db):
+    daemon = tailer()
+    append(logdir / "app.log", b"one\n")
+    wait_for(lambda: raws(db) == [b"one"], 10, "the first line", lambda: raws(db))
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")        # another writer holds the lock
+    try:
+        append(logdir / "app.log", b"two\n")
+        wait_for(lambda: "database is locked" in daemon.stderr, 20, "the error logged",
+                 lambda: daemon.stderr)
+        assert raws(db) == [b"one"]
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    wait_for(lambda: raws(db) == [b"one", b"two"], 60, "the line once the lock is gone",
+             lambda: raws(db))
+
+
+def drop_file_capabilities():
+    """In the child, before exec: root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH
+    is refused a mode-000 file like any user."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):                    # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:     # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_unreadable_file_is_warned_about_and_retried(binding, logdir, db, tmp_path):
+    (logdir / "ok.log").write_bytes(b"readable\n")
+    (logdir / "closed.log").write_bytes(b"secret\n")
+    os.chmod(logdir / "closed.log", 0)
+    stderr_path = tmp_path / "stderr"
+    with open(stderr_path, "wb") as stderr:
+        proc = subprocess.Popen([*binding, str(logdir), str(db)], stderr=stderr,
+                                preexec_fn=drop_file_capabilities if os.geteuid() == 0 else None)
+    try:
+        wait_for(lambda: raws(db) == [b"readable"], 10, "the readable file",
+                 lambda: stderr_path.read_text())
+        wait_for(lambda: "closed.log: cannot read: Permission denied" in stderr_path.read_text(),
+                 10, "a warning", lambda: stderr_path.read_text())
+        os.chmod(logdir / "closed.log", 0o644)
+        append(logdir / "closed.log", b"now open\n")    # its next event: read again
+        wait_for(lambda: sorted(raws(db)) == [b"now open", b"readable", b"secret"], 10,
+                 "the file once readable", lambda: raws(db))
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+def test_newer_schema_is_refused_and_left_untouched(logdir, db):
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA user_version = 99")
+    conn.execute("CREATE TABLE future (x)")
+    conn.commit()
+    conn.close()
+    before = db.read_bytes()
+    result = run_once(logdir, db)
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == [
+        f"logtail2db: error: {str(db)!r} has schema version 99, newer than this logtail2db "
+        f"{lt.__version__} knows ({lt.SCHEMA_VERSION}); use a newer logtail2db"]
+    assert db.read_bytes() == before
+
+
+def test_sqlite_database_of_another_program_is_left_untouched(logdir, db):
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE customers (name)")
+    conn.commit()
+    conn.close()
+    before = db.read_bytes()
+    result = run_once(logdir, db)
+    assert result.returncode == 1
+    assert b"an SQLite database of another program" in result.stderr
+    assert db.read_bytes() == before
+
+
+def test_file_rewritten_past_its_offset_while_stopped_is_read_from_start(logdir, db):
+    log = logdir / "app.log"
+    header = b"".join(b"# header line %03d of a generated report\n" % n for n in range(40))
+    log.write_bytes(header + b"old 1\nold 2\n")
+    assert run_once(logdir, db).returncode == 0
+    with open(log, "r+b") as file:      # same inode, same first 1600 bytes, longer text
+        file.write(header + b"new 1\nnew 2\nnew 3\n")
+    assert run_once(logdir, db).returncode == 0
+    messages = [r for r in raws(db) if not r.startswith(b"#")]
+    assert messages == [b"old 1", b"old 2", b"new 1", b"new 2", b"new 3"]
+
+
+def test_rescan_finds_changes_that_give_no_event(tailer, logdir, db, tmp_path):
+    (logdir / "app.log").write_bytes(b"one\n")
+    os.link(logdir / "app.log", tmp_path / "outside-link")
+    tailer("--rescan", "0.3")
+    wait_for(lambda: raws(db) == [b"one"], 10, "the first line", lambda: raws(db))
+    append(tmp_path / "outside-link", b"two\n")    # inotify reports it to the other directory
+    wait_for(lambda: raws(db) == [b"one", b"two"], 10, "the line found by the rescan",
+             lambda: raws(db))
+
+
+@pytest.mark.parametrize("data,cut,expected", [
+    (b"abcdef", 4, 4),
+    (b"abcdef", 10, 6),
+    (b"ab\xc3\xa9cd", 3, 2),            # inside a 2-byte character: before it
+    (b"ab\xc3\xa9cd", 4, 4),            # just after it
+    (b"ab\xe2\x82\xac", 5, 5),          # a whole 3-byte character at the end
+    (b"ab\xe2\x82\xac", 4, 2),
+    (b"ab\xf0\x9f\x98\x80", 5, 2),      # a 4-byte character
+    (b"\x80\x80\x80\x80\x80", 3, 3),    # not UTF-8: anywhere
+])
+def test_utf8_boundary(data, cut, expected):
+    assert lt.utf8_boundary(data, cut) == expected
