@@ -16,6 +16,8 @@ Exit status: 0 on success or on SIGTERM/SIGINT, 1 on a fatal error (one line
 "logtail2db: error: ..." on stderr), 2 on a usage error.
 """
 
+from __future__ import annotations
+
 import argparse
 import collections
 import errno
@@ -25,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import resource
 import select
 import signal
@@ -33,6 +36,7 @@ import stat
 import struct
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 
 try:
     import inotifyx
@@ -65,6 +69,7 @@ MAX_OPEN_FILES = 256            # default --max-open-files, lowered for a small 
 DEFAULT_EXCLUDES = ("*.gz", "*.bz2", "*.xz", "*.zst", "*.zip", "*.lz4", "*.Z")
 DB_SUFFIXES = (b"", b"-wal", b"-shm", b"-journal")
 SQLITE_MAGIC = b"SQLite format 3\x00"
+FORMATS = ("auto", "syslog", "json", "clf", "app", "plain")
 SCHEMA_VERSION = 1
 
 # SQLite errors that pass: the batch is rolled back and retried later.
@@ -282,18 +287,572 @@ def utf8_boundary(data: bytes, cut: int) -> int:
 
 # Entry parsing ################################################################
 
-#@PARSERS@
+# Every parser is parse_<format>(line, stamps) -> Parsed | None: one decoded line in, a tuple in
+# column order out, None when the line does not fit (the caller then stores it plain, or as a
+# continuation of the entry before it). Parsers never raise on bad input and do no I/O.
+
+Parsed = collections.namedtuple("Parsed", "ts host program pid level fields message")
+
+SEVERITIES = ("emergency", "alert", "critical", "error", "warning", "notice", "info", "debug")
+FACILITIES = (  # PRI // 8, named as rsyslog names them
+    "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron",
+    "authpriv", "ftp", "ntp", "security", "console", "solaris-cron",
+    "local0", "local1", "local2", "local3", "local4", "local5", "local6", "local7",
+)
+LEVELS = {  # upper-cased level word or syslog severity digit -> level
+    "TRACE": "trace", "DEBUG": "debug", "DBG": "debug", "INFO": "info", "INFORMATION": "info",
+    "NOTICE": "notice", "WARN": "warning", "WARNING": "warning", "ERR": "error", "ERROR": "error",
+    "CRIT": "critical", "CRITICAL": "critical", "FATAL": "critical", "ALERT": "alert",
+    "EMERG": "emergency", "EMERGENCY": "emergency", "PANIC": "emergency",
+    **{str(severity): name for severity, name in enumerate(SEVERITIES)},
+}
+NUMBER_LEVELS = {  # JSON numbers: syslog severities 0..7, pino/bunyan levels 10..60
+    **dict(enumerate(SEVERITIES)),
+    10: "trace", 20: "debug", 30: "info", 40: "warning", 50: "error", 60: "critical",
+}
+PRIORITIES = {  # "<34>" -> (level, facility): one dict lookup for the whole PRI
+    f"<{pri}>": (SEVERITIES[pri % 8], FACILITIES[pri // 8]) for pri in range(192)}
+MONTHS = {name: number for number, name in enumerate(
+    "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), 1)}
+DIGITS = frozenset("0123456789")
+EPOCH = datetime(1970, 1, 1)
+CACHE_MINUTES = 10_000  # minutes a Stamps remembers before starting over: bounds memory on catch-up
+
+# Timestamps. Groups: minute ("2026-11-24T13:59"), second, fraction, zone.
+ISO_PATTERN = (r"([0-9]{4}[-/][0-9]{2}[-/][0-9]{2}[Tt ][0-9]{2}:[0-9]{2}):([0-9]{2})"
+               r"(?:[.,]([0-9]{1,9}))?(Z|z|[ ]UTC|[+-][0-9]{2}(?::?[0-9]{2})?)?")
+ISO_RE = re.compile(ISO_PATTERN)
+MONTH_NAMES = "|".join(MONTHS)
+BSD_MINUTE_RE = re.compile(rf"({MONTH_NAMES}) ([ 0-9][0-9]) ([0-9]{{2}}):([0-9]{{2}})")
+CLF_MINUTE_RE = re.compile(  # "10/Oct/2000:13:55 -0700": the CLF time without its seconds
+    rf"([0-9]{{2}})/({MONTH_NAMES})/([0-9]{{4}}):([0-9]{{2}}):([0-9]{{2}}) ([+-][0-9]{{4}})")
+EPOCH_TEXT_RE = re.compile(r"[0-9]{1,20}(?:\.[0-9]{1,9})?")
+
+ESCAPED = r'[^"\\]*(?:\\.[^"\\]*)*'  # inside "...", with backslash escapes; unrolled for speed
+
+# RFC 5424 structured data: '[id name="value" ...]'; values escape only '"', '\' and ']'.
+SD_ELEMENT_RE = re.compile(rf'\[([^ =\]"]+)((?: +[^ =\]"]+="{ESCAPED}")*) *\]')
+SD_PARAM_RE = re.compile(rf'([^ =\]"]+)="({ESCAPED})"')
+SD_ESCAPE_RE = re.compile(r'\\(["\\\]])')
+
+# NCSA common/combined as Apache and nginx write them by default. Text after the combined fields
+# (nginx's "main" adds "$http_x_forwarded_for") is allowed and stays in the message only.
+CLF_RE = re.compile(
+    rf'(\S+) (\S+) (\S+) \[([^\]]*)\] "({ESCAPED})" ([0-9]{{3}}) ([0-9]{{1,18}}|-)'
+    rf'(?: "({ESCAPED})" "({ESCAPED})")?(?:\s|$)', re.ASCII)
+CLF_ESCAPE_RE = re.compile(r'\\(["\\])')  # Apache's \" and \\; nginx writes \x22, left as is
+
+# Application loggers: a timestamp (optionally in brackets), then the level as the first word, or
+# as the second after a [thread] (log4j2) or a logger name (Python's cookbook: "- name - LEVEL").
+# Level words count in upper case, as those layouts write them, or in any case before a tab (zap);
+# so a Go log line "error opening x" keeps its first word. No level word: the rest is the message.
+UPPER_LEVELS = "|".join(sorted((word for word in LEVELS if word.isalpha()), key=len, reverse=True))
+APP_RE = re.compile(rf"""
+    \[?(?P<ts>{ISO_PATTERN})\]?(?:[ \t]+|$)
+    (?:(?:\[(?P<thread>[^\]]*)\]|(?:-[ \t]+)?(?P<logger>[^\s\[\]]+)(?:[ \t]+-)?)[ \t]+)??
+    (?P<level>{UPPER_LEVELS}|(?i:{UPPER_LEVELS})(?=\t))(?=[ \t]|$)
+""", re.VERBOSE)
+APP_TIME_RE = re.compile(rf"\[?({ISO_PATTERN})\]?(?:[ \t]+|$)")
+# What the default layouts put between the level and the message, tried in order; the message
+# starts where the first match ends (the last pattern always matches).
+APP_TAIL_RES = tuple(re.compile(pattern) for pattern in (
+    # Spring Boot: "4242 --- [app] [main] o.s.b.StartupInfoLogger : msg"
+    r"[ \t]+(?P<pid>[0-9]+)[ \t]+---[ \t]+(?:\[(?P<thread>[^\]]*)\][ \t]+)*"
+    r"(?P<logger>\S+)[ \t]+:(?:[ \t]|$)",
+    r"\t(?:(?P<logger>[^\t]+)\t)?(?P<caller>\S+:[0-9]+)(?:\t|$)",  # zap: [name\t]file.go:12\tmsg
+    r"[ \t]+(?P<logger>\w[\w.:/$<>-]*?):(?:[ \t]|$)",  # Python "%(name)s: msg", tracing's target
+    r"[ \t]+(?P<logger>\w[\w.:/$<>-]*)[ \t]+-(?:[ \t]|$)",  # log4j2 "%logger - %msg"
+    r"[ \t]+\[(?P<logger>[^\]\s]+)\](?:[ \t]|$)",  # log4j "[%c] %m"
+    r"[ \t]+(?P<logger>[^\s\]]+)\](?:[ \t]|$)",  # env_logger "[time LEVEL target] msg"
+    r"[ \t]+-(?:[ \t]|$)|[ \t]*",  # Python cookbook "LEVEL - msg", or the message right away
+))
+LOGFMT_RE = re.compile(rf'([^\s="]+)=("{ESCAPED}"|\S*)')  # slog TextHandler, logrus
+
+SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")  # "\ud800": JSON can spell lone surrogates
+TIME_KEYS = ("time", "timestamp", "ts", "@timestamp")
+LEVEL_KEYS = ("level", "severity", "lvl", "levelname")
+MESSAGE_KEYS = ("msg", "message", "event")
+HOST_KEYS = ("host", "hostname")
+
+
+def normalize_level(word: str) -> str | None:
+    """The level a word (WARN, err, Critical, "3", ...) stands for, or None."""
+    return LEVELS.get(word.upper())
+
+
+def to_pid(value) -> int | None:
+    """A process id from decimal text or an int, or None (SQLite integers are 64-bit)."""
+    if isinstance(value, str) and value.isdecimal() and len(value) < 10:
+        value = int(value)
+    return value if type(value) is int and 0 <= value < 2**32 else None
+
+
+def minute_text(moment: datetime) -> str:
+    """'YYYY-MM-DD HH:MM' (strftime's %Y does not pad years before 1000)."""
+    return (f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d} "
+            f"{moment.hour:02d}:{moment.minute:02d}")
+
+
+def utc_minute(year, month, day, hour, minute, offset_min=None) -> str | None:
+    """UTC minute text for a wall-clock minute offset_min east of UTC, local time when None."""
+    try:
+        wall = datetime(year, month, day, hour, minute)
+        if offset_min is None:
+            return minute_text(wall.astimezone(timezone.utc))
+        return minute_text(wall - timedelta(minutes=offset_min))
+    except (ValueError, OverflowError, OSError):  # no such day (Feb 30) or out of the C range
+        return None
+
+
+def zone_minutes(zone: str) -> int:
+    """Minutes east of UTC for 'Z', ' UTC', '+01:00', '+0100' or '+01'."""
+    if zone in ("Z", "z", " UTC"):
+        return 0
+    digits = zone[1:].replace(":", "")
+    minutes = int(digits[:2]) * 60 + int(digits[2:] or 0)
+    return -minutes if zone[0] == "-" else minutes
+
+
+def remember(cache: dict, key, value):
+    """Store value (unless None) under key, starting over when the cache is full; return it."""
+    if value is not None:
+        if len(cache) >= CACHE_MINUTES:
+            cache.clear()
+        cache[key] = value
+    return value
+
+
 class Stamps:
-    def set_reference(self, mtime_s):
-        pass
+    """Timestamps to UTC text 'YYYY-MM-DD HH:MM:SS[.ffffff]', cached per minute; one per tailer.
+
+    A time without a zone is local time, read from TZ when its minute is first seen. DST
+    changes fall on whole minutes, so each distinct minute is converted once and the seconds
+    appended. A local time that occurs twice (fall-back) is read as the first occurrence, still
+    in summer time; one skipped by spring-forward is read with the summer offset (datetime's
+    fold=0 for both: Berlin's 02:30 is 00:30 UTC on both change days).
+    """
+
+    def __init__(self):
+        # Minute keys -> UTC minute text, one dict per format so keys cannot meet by accident.
+        self.bsd_minutes = {}  # "Nov 24 13:59", for the current reference year
+        self.iso_minutes = {}  # "2026-11-24T13:59" + zone as written
+        self.clf_minutes = {}  # "24/Nov/2026:13:59 +0100"
+        self.epoch_minutes = {}  # minutes since 1970
+        self.reference = None  # (year, month) of the file being parsed, local time
+        self.set_reference(time.time())
+
+    def set_reference(self, mtime_s: float) -> None:
+        """Date year-less BSD timestamps by this file modification time."""
+        local = time.localtime(mtime_s)
+        if (local.tm_year, local.tm_mon) != self.reference:
+            self.reference = (local.tm_year, local.tm_mon)
+            self.bsd_minutes = {}
+
+    def bsd(self, text: str) -> str | None:
+        """'Nov 24 13:59:19' or 'Nov  4 03:05:09' (local time, year from the reference)."""
+        if (len(text) != 15 or text[12] != ":" or not "0" <= text[13] <= "5"
+                or text[14] not in DIGITS):
+            return None
+        head = self.bsd_minutes.get(text[:12])
+        if head is None:
+            match = BSD_MINUTE_RE.fullmatch(text, 0, 12)
+            if match is None:
+                return None
+            month_name, day, hour, minute = match.groups()
+            month = MONTHS[month_name]
+            # A file modified in January holding "Dec 31" lines was written last year.
+            year = self.reference[0] - (month > self.reference[1])
+            head = remember(self.bsd_minutes, text[:12],
+                            utc_minute(year, month, int(day), int(hour), int(minute)))
+            if head is None:
+                return None
+        return head + text[12:]
+
+    def iso(self, text: str) -> str | None:
+        """ISO 8601 / RFC 3339, also with '/' (Go's log) and ',' (Python); no zone: local time."""
+        # Cut by position; a cached minute and zone passed ISO_RE when first seen, so a hit
+        # leaves only the seconds and the fraction to check, cheaper than the regex.
+        second, rest = text[17:19], text[19:]
+        fraction = None
+        if rest[:1] in (".", ","):
+            zone = rest[1:].lstrip("0123456789")
+            fraction = rest[1:len(rest) - len(zone)]
+        else:
+            zone = rest
+        key = text[:16] + zone
+        head = self.iso_minutes.get(key) or self.iso_minute(text, key)
+        if (head is None or text[16:17] != ":" or len(second) != 2
+                or not "0" <= second[0] <= "5" or second[1] not in DIGITS):
+            return None
+        if fraction is None:
+            return f"{head}:{second}"
+        return f"{head}:{second}.{fraction.ljust(6, '0')[:6]}" if 0 < len(fraction) < 10 else None
+
+    def iso_minute(self, text: str, key: str) -> str | None:
+        """UTC minute text of an ISO timestamp not seen before, remembered under key."""
+        match = ISO_RE.fullmatch(text)
+        if match is None:
+            return None
+        minute, _, _, zone = match.groups()
+        wall = (int(minute[:4]), int(minute[5:7]), int(minute[8:10]),
+                int(minute[11:13]), int(minute[14:16]))
+        return remember(self.iso_minutes, key,
+                        utc_minute(*wall, zone_minutes(zone) if zone else None))
+
+    def clf(self, text: str) -> str | None:
+        """'10/Oct/2000:13:55:36 -0700', as Apache's %t and nginx's $time_local write it."""
+        if (len(text) != 26 or text[17] != ":" or not "0" <= text[18] <= "5"
+                or text[19] not in DIGITS):
+            return None
+        key = text[:17] + text[20:]
+        head = self.clf_minutes.get(key)
+        if head is None:
+            match = CLF_MINUTE_RE.fullmatch(key)
+            if match is None:
+                return None
+            day, month_name, year, hour, minute, zone = match.groups()
+            wall = (int(year), MONTHS[month_name], int(day), int(hour), int(minute))
+            head = remember(self.clf_minutes, key, utc_minute(*wall, zone_minutes(zone)))
+            if head is None:
+                return None
+        return head + text[17:20]
+
+    def epoch(self, number) -> str | None:
+        """Epoch seconds, or milli-, micro- or nanoseconds told apart by size."""
+        if type(number) not in (int, float):  # bool is an int, but JSON true is not a time
+            return None
+        digits = 9 if number > 1e17 else 6 if number > 1e14 else 3 if number > 1e11 else 0
+        try:
+            if type(number) is int:
+                micros = number * 1_000_000 // 10**digits
+            else:
+                micros = round(number * 10.0 ** (6 - digits))
+            minute, micros = divmod(micros, 60_000_000)
+            head = self.epoch_minutes.get(minute)
+            if head is None:
+                utc = EPOCH + timedelta(minutes=minute)
+                head = remember(self.epoch_minutes, minute, minute_text(utc))
+        except (ValueError, OverflowError):  # NaN, infinity, or past year 9999
+            return None
+        second, micro = divmod(micros, 1_000_000)
+        if digits or type(number) is float:
+            return f"{head}:{second:02d}.{micro:06d}"
+        return f"{head}:{second:02d}"
 
 
-PARSERS = {}
-MULTILINE_FORMATS = set()
+def read_time(text: str, stamps: Stamps) -> str | None:
+    """UTC text for a timestamp in any form Stamps reads (epoch as digits), or None."""
+    ts = stamps.iso(text) or stamps.bsd(text) or stamps.clf(text)
+    if ts is None and EPOCH_TEXT_RE.fullmatch(text):
+        ts = stamps.epoch(float(text) if "." in text else int(text))
+    return ts
 
 
-def detect_format(lines, stamps):
-    return "plain"
+def read_pri(line: str) -> tuple[str, str, int] | None:
+    """(level, facility, index after '>') for a line starting with '<PRI>', or None."""
+    end = line.find(">", 2, 5) + 1
+    names = PRIORITIES.get(line[:end])  # also rejects "" when there is no '>', and "<034>"
+    return None if names is None else (*names, end)
+
+
+def parse_syslog(line: str, stamps: Stamps) -> Parsed | None:
+    """RFC 3164 as rsyslog and syslog-ng write files: 'Nov 24 13:59:19 host prog[pid]: msg'.
+
+    Also an RFC 3339 time in place of the BSD one, an optional '<PRI>' (giving level and
+    facility), and whole RFC 5424 lines. No 'tag:' after the host: program None and the message
+    is the rest ("last message repeated 3 times").
+    """
+    level = fields = None
+    start = 0
+    if line[:1] == "<":
+        pri = read_pri(line)
+        if pri is None:
+            return None
+        level, facility, start = pri
+        if line.startswith("1 ", start):
+            return parse_rfc5424(line, stamps)
+        fields = {"facility": facility}
+    if line[start + 3:start + 4] == " " and line[start:start + 3] in MONTHS:
+        host_at = start + 16
+        ts = stamps.bsd(line[start:host_at - 1]) if line[host_at - 1:host_at] == " " else None
+    elif line[start:start + 1] in DIGITS:
+        host_at = line.find(" ", start) + 1
+        ts = stamps.iso(line[start:host_at - 1]) if host_at else None
+    else:
+        return None  # most continuation lines leave here, at the first character or two
+    if ts is None:
+        return None
+    host, _, rest = line[host_at:].partition(" ")
+    if not host:
+        return None
+    tag, _, message = rest.partition(" ")
+    if len(tag) < 2 or tag[-1] != ":":
+        return ts, host, None, None, level, fields, rest
+    program, pid = tag[:-1], None
+    if program[-1] == "]":
+        name, _, number = program[:-1].rpartition("[")
+        if name and number.isdecimal() and len(number) < 10:  # to_pid, inlined on the hot path
+            program, pid = name, int(number)
+    return ts, host, program, pid, level, fields, message
+
+
+def unescape_sd(value: str) -> str:
+    """An RFC 5424 PARAM-VALUE with its \\" \\\\ \\] escapes undone."""
+    return SD_ESCAPE_RE.sub(r"\1", value) if "\\" in value else value
+
+
+def parse_rfc5424(line: str, stamps: Stamps) -> Parsed | None:
+    """RFC 5424: '<PRI>1 TIMESTAMP HOST APP PROCID MSGID SD MSG', '-' meaning absent."""
+    pri = read_pri(line)
+    if pri is None or not line.startswith("1 ", pri[2]):
+        return None
+    level, facility, start = pri
+    parts = line[start + 2:].split(" ", 5)
+    if len(parts) < 6 or "" in parts[:5]:
+        return None
+    stamp, host, app, procid, msgid, rest = parts
+    ts = None if stamp == "-" else stamps.iso(stamp)
+    if ts is None and stamp != "-":
+        return None
+    fields = {"facility": facility}
+    if msgid != "-":
+        fields["msgid"] = msgid
+    pid = to_pid(procid)
+    if pid is None and procid != "-":
+        fields["procid"] = procid
+    if rest[:1] == "-":
+        end = 1
+    else:
+        sd, end = {}, 0
+        while rest.startswith("[", end):
+            element = SD_ELEMENT_RE.match(rest, end)
+            if element is None:
+                return None
+            sd[element[1]] = {name: unescape_sd(value)
+                              for name, value in SD_PARAM_RE.findall(element[2])}
+            end = element.end()
+        if not sd:
+            return None
+        fields["sd"] = sd
+    if rest[end:end + 1] not in ("", " "):
+        return None
+    message = rest[end + 1:]
+    if message[:1] == "\ufeff":  # RFC 5424 marks UTF-8 MSG with a BOM
+        message = message[1:]
+    return (ts, None if host == "-" else host, None if app == "-" else app, pid, level,
+            fields, message)
+
+
+def scrub_surrogates(value):
+    """value with lone surrogates in its strings made U+FFFD: SQLite cannot encode them."""
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {scrub_surrogates(key): scrub_surrogates(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [scrub_surrogates(item) for item in value]
+    return value
+
+
+def load_json(text: str):
+    """json.loads, minus lone surrogates ('\\ud800' is valid JSON but not storable text)."""
+    value = json.loads(text)
+    return scrub_surrogates(value) if SURROGATE_ESCAPE_RE.search(text) else value
+
+
+def pop_first(obj: dict, keys, convert, *args):
+    """Remove and return convert(obj[key], *args) for the first key whose value converts."""
+    for key in keys:
+        if key in obj:
+            value = convert(obj[key], *args)
+            if value is not None:
+                del obj[key]
+                return value
+    return None
+
+
+def text_or_none(value):
+    """value if it is text, else None."""
+    return value if isinstance(value, str) else None
+
+
+def json_time(value, stamps: Stamps) -> str | None:
+    """UTC text for a JSON time: ISO text or an epoch number."""
+    return stamps.iso(value) if isinstance(value, str) else stamps.epoch(value)
+
+
+def json_level(value) -> str | None:
+    """The level of a JSON value: a word, a syslog severity or a pino/bunyan number."""
+    if isinstance(value, str):
+        return normalize_level(value)
+    return NUMBER_LEVELS.get(value) if type(value) is int else None
+
+
+def parse_json(line: str, stamps: Stamps) -> Parsed | None:
+    """One JSON object per line; keys not used for a column (or not usable) go to fields."""
+    if line.lstrip()[:1] != "{":
+        return None
+    try:
+        obj = load_json(line)
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the decoder goes
+        return None
+    if not isinstance(obj, dict):
+        return None
+    ts = pop_first(obj, TIME_KEYS, json_time, stamps)
+    level = pop_first(obj, LEVEL_KEYS, json_level)
+    message = pop_first(obj, MESSAGE_KEYS, text_or_none)
+    host = pop_first(obj, HOST_KEYS, text_or_none)
+    pid = pop_first(obj, ("pid",), to_pid)
+    return ts, host, None, pid, level, obj or None, line if message is None else message
+
+
+def unescape_clf(text: str) -> str:
+    """A quoted CLF field with Apache's \\" and \\\\ undone."""
+    return CLF_ESCAPE_RE.sub(r"\1", text) if "\\" in text else text
+
+
+def dash_none(text: str) -> str | None:
+    """None for CLF's '-' (absent), else text."""
+    return None if text == "-" else text
+
+
+def split_request(request: str) -> tuple:
+    """(method, path, protocol) of 'GET /a HTTP/1.1'; protocol None for HTTP/0.9's 'GET /a';
+    all None for what is no request line ("-", or the bytes a TLS probe sends)."""
+    method, _, target = request.partition(" ")
+    if not (method.isascii() and method.isalpha() and target):
+        return None, None, None
+    path, _, protocol = target.rpartition(" ")
+    if path and protocol.startswith("HTTP/"):
+        return method, path, protocol
+    return method, target, None
+
+
+def parse_clf(line: str, stamps: Stamps) -> Parsed | None:
+    """NCSA common or combined log line; the message is the whole line."""
+    match = CLF_RE.match(line)
+    if match is None:
+        return None
+    addr, _ident, user, stamp, request, status, size, referer, agent = match.groups()
+    ts = stamps.clf(stamp)
+    if ts is None:
+        return None
+    method, path, protocol = split_request(unescape_clf(request))
+    status = int(status)
+    fields = {"remote_addr": addr, "user": dash_none(user), "method": method, "path": path,
+              "protocol": protocol, "status": status, "bytes": None if size == "-" else int(size)}
+    if referer is not None:
+        fields["referer"] = dash_none(unescape_clf(referer))
+        fields["user_agent"] = dash_none(unescape_clf(agent))
+    level = "error" if status >= 500 else "warning" if status >= 400 else "info"
+    return ts, None, None, None, level, fields, line
+
+
+def unquote(value: str) -> str:
+    """A logfmt value without its Go-style quotes and escapes."""
+    if len(value) > 1 and value[0] == value[-1] == '"':
+        try:
+            return load_json(value)  # strconv.Quote output is JSON for all but rare escapes
+        except ValueError:
+            return value[1:-1]
+    return value
+
+
+def parse_logfmt(line: str, stamps: Stamps) -> Parsed | None:
+    """'time=... level=INFO msg="..." key=value' (Go slog TextHandler, logrus)."""
+    pairs = {key: unquote(value) for key, value in LOGFMT_RE.findall(line)}
+    ts = pop_first(pairs, ("time",), stamps.iso)
+    if ts is None:
+        return None
+    level = pop_first(pairs, ("level",), normalize_level)
+    message = pairs.pop("msg", line)
+    return ts, None, None, None, level, pairs or None, message
+
+
+def parse_app(line: str, stamps: Stamps) -> Parsed | None:
+    """'timestamp LEVEL rest' as application loggers write it; see APP_RE and APP_TAIL_RES.
+
+    The logger name or target goes to program, Spring Boot's pid to pid, a thread or zap's
+    caller to fields. A line must begin with a timestamp, so stack-trace lines give None.
+    """
+    if line.startswith("time="):
+        return parse_logfmt(line, stamps)
+    head = APP_RE.match(line)
+    if head is None:  # no level word: Go's log package, or just a timestamped line
+        head = APP_TIME_RE.match(line)
+        ts = stamps.iso(head[1]) if head else None
+        return (ts, None, None, None, None, None, line[head.end():]) if ts else None
+    ts = stamps.iso(head["ts"])
+    if ts is None:
+        return None
+    for pattern in APP_TAIL_RES:  # the last one always matches
+        tail = pattern.match(line, head.end())
+        if tail:
+            break
+    part = tail.groupdict()
+    thread = part.get("thread") or head["thread"]
+    fields = {"thread": thread.strip()} if thread else {}
+    if "caller" in part:
+        fields["caller"] = part["caller"]
+    return (ts, None, part.get("logger") or head["logger"], to_pid(part.get("pid")),
+            normalize_level(head["level"]), fields or None, line[tail.end():])
+
+
+def make_pattern_parser(regex: str):
+    """A parser for --pattern: named groups ts host program pid level message fill those
+    columns, other named groups go to fields; a value that does not convert stays in fields."""
+    try:
+        pattern = re.compile(regex)
+    except re.error as exc:
+        raise ValueError(f"--pattern {regex!r} is not a valid regular expression: {exc}") from None
+    has_message = "message" in pattern.groupindex
+
+    def parse_pattern(line: str, stamps: Stamps) -> Parsed | None:
+        match = pattern.match(line)
+        if match is None:
+            return None
+        found = {key: value for key, value in match.groupdict().items() if value is not None}
+        ts = pop_first(found, ("ts",), read_time, stamps)
+        pid = pop_first(found, ("pid",), to_pid)
+        level = pop_first(found, ("level",), normalize_level)
+        host, program = found.pop("host", None), found.pop("program", None)
+        message = found.pop("message", "") if has_message else line
+        return ts, host, program, pid, level, found or None, message
+
+    return parse_pattern
+
+
+PARSERS = {"syslog": parse_syslog, "rfc5424": parse_rfc5424, "json": parse_json,
+           "clf": parse_clf, "app": parse_app}
+MULTILINE_FORMATS = frozenset({"syslog", "rfc5424", "app"})  # entries begin with a header line
+DETECT_ORDER = ("json", "clf", "syslog", "app")  # ties go to the earlier, stricter format
+DETECT_LINES = 20  # non-empty lines sampled: enough to outvote a stack trace or two
+
+
+def detect_format(lines: list[str], stamps: Stamps) -> str:
+    """The format of a file from its first lines: one of DETECT_ORDER, or "plain".
+
+    A format fits when it parses at least half of the non-empty sample lines. A multi-line
+    format also fits when it parses the first line and at least half of the lines any format
+    parses: the others are its continuation lines (stack traces). Among fitting formats the one
+    with most parsed lines wins, a line with a level counting twice, since a level is the surest
+    sign the layout was understood (RFC 3339 syslog also parses as a level-less app line).
+    RFC 5424 files come out as "syslog", whose parser reads them too.
+    """
+    sample = [line for line in lines if line.strip()][:DETECT_LINES]
+    if not sample:
+        return "plain"
+    parsed = {name: [PARSERS[name](line, stamps) for line in sample] for name in DETECT_ORDER}
+    headers = sum(1 for row in zip(*parsed.values()) if any(row))
+    best, best_score = "plain", 0
+    for name, entries in parsed.items():
+        hits = [entry for entry in entries if entry is not None]
+        fits = 2 * len(hits) >= len(sample) or (
+            name in MULTILINE_FORMATS and entries[0] is not None and 2 * len(hits) >= headers)
+        score = len(hits) + sum(entry[4] is not None for entry in hits)
+        if fits and score > best_score:
+            best, best_score = name, score
+    return best
 
 
 ParseOptions = collections.namedtuple(
@@ -321,15 +880,16 @@ class EntryBuilder:
         self.format = None
         self.parse = None
         self.multiline = False
-        if format is not None or options.format != "auto":
-            self.set_format(format or options.format)
+        if options.pattern is not None or options.format != "auto":
+            self.set_format(options.format)     # what the user says wins over what was stored
+        elif format is not None:
+            self.set_format(format)
 
     def set_format(self, format: str) -> None:
-        self.format = format
         if self.options.pattern is not None:
-            self.parse = self.options.pattern
-        else:
-            self.parse = PARSERS.get(format)
+            format = "pattern"
+        self.format = format
+        self.parse = self.options.pattern or PARSERS.get(format)
         self.multiline = self.options.multiline_start is not None or format in MULTILINE_FORMATS
 
     def held_offset(self, default: int) -> int:
@@ -348,7 +908,8 @@ class EntryBuilder:
             return rows
         lines, sizes = _split_lines(data)
         if self.format is None:
-            self.set_format(detect_format(lines[:DETECT_LINES], self.stamps))
+            self.set_format(detect_format([_readable(line) for line in lines[:100]],
+                                          self.stamps))
         if self.stamps is not None and mtime is not None:
             self.stamps.set_reference(mtime)
         parse, stamps = self.parse, self.stamps
@@ -443,8 +1004,6 @@ class EntryBuilder:
         msg = None if type(raw) is str else _readable(raw)
         return (self.file_id, offset, None, None, None, None, None, None, raw, msg, 1, part)
 
-
-DETECT_LINES = 20
 
 
 def _raw(line: bytes):
@@ -1393,16 +1952,25 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="N", help="keep at most N log files open; idle ones are closed "
                                          "and reopened by name (default: %(default)s)")
     entries = parser.add_argument_group("entries")
-    entries.add_argument("--format", default="plain", choices=["plain"],
-                         help="how lines are parsed (default: %(default)s)")
-    entries.add_argument("--pattern", metavar="REGEX", default=None, help=argparse.SUPPRESS)
-    entries.add_argument("--multiline-start", metavar="REGEX", default=None,
-                         help=argparse.SUPPRESS)
+    entries.add_argument("--format", default="auto", choices=FORMATS,
+                         help="how lines are parsed: auto decides per file from its first lines; "
+                              "syslog (RFC 3164 and 5424), json (JSON lines), clf (web access "
+                              "logs), app ('timestamp LEVEL message' from application loggers), "
+                              "plain (default: %(default)s)")
+    entries.add_argument("--pattern", metavar="REGEX", type=pattern_parser,
+                         help="parse lines with this regex instead: named groups ts, host, "
+                              "program, pid, level, message fill those columns, any other "
+                              "goes into fields")
+    entries.add_argument("--multiline-start", metavar="REGEX", type=regex,
+                         help="a line matching REGEX begins an entry, any other line continues "
+                              "the one before (default: in syslog and app files, a line without "
+                              "a timestamp continues the entry before it)")
     entries.add_argument("--max-entry-bytes", type=positive_int, default=MAX_ENTRY_BYTES,
                          metavar="N", help="longer entries are stored in pieces "
                                            "(default: %(default)s)")
     entries.add_argument("--max-entry-lines", type=positive_int, default=MAX_ENTRY_LINES,
-                         metavar="N", help=argparse.SUPPRESS)
+                         metavar="N", help="a multi-line entry longer than N lines goes on as "
+                                           "a new entry (default: %(default)s)")
     output = parser.add_argument_group("diagnostics")
     output.add_argument("-v", "--verbose", action="count", default=0,
                         help="more diagnostics on stderr")
@@ -1417,6 +1985,20 @@ def default_max_open() -> int:
     if soft == resource.RLIM_INFINITY:
         return MAX_OPEN_FILES
     return max(8, min(MAX_OPEN_FILES, soft // 4))
+
+
+def regex(text: str):
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"not a valid regular expression: {exc}")
+
+
+def pattern_parser(text: str):
+    try:
+        return make_pattern_parser(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
 
 
 def positive_int(text: str) -> int:

@@ -4,9 +4,12 @@ Files are really written, renamed and truncated, the process is really killed;
 every wait polls with a deadline (wait_for), none sleeps and hopes.
 """
 
+import calendar
 import errno
+import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -18,6 +21,11 @@ from pathlib import Path
 import pytest
 
 import logtail2db as lt
+from logtail2db import (
+    CACHE_MINUTES, MULTILINE_FORMATS, PARSERS, Parsed, Stamps, detect_format,
+    make_pattern_parser, normalize_level, parse_app, parse_clf, parse_json, parse_rfc5424,
+    parse_syslog,
+)
 
 HERE = Path(__file__).resolve().parent
 TOOL = str(HERE / "logtail2db.py")
@@ -64,6 +72,40 @@ def tailer(binding, logdir, db, tmp_path):
     yield start
     for daemon in started:
         daemon.stop()
+
+
+NOV_2026 = calendar.timegm((2026, 11, 24, 12, 0, 0))  # file mtimes used as the BSD reference
+JAN_2027 = calendar.timegm((2027, 1, 5, 12, 0, 0))
+EPOCH_S = calendar.timegm((2026, 11, 24, 13, 59, 19))  # 1795528759
+TS = "2026-11-24 13:59:19"
+
+
+@pytest.fixture
+def set_zone():
+    """Switch TZ for one test; tzset again afterwards, since the C library reads TZ only then."""
+    with pytest.MonkeyPatch.context() as mp:
+        def switch(name):
+            mp.setenv("TZ", name)
+            time.tzset()
+        yield switch
+    time.tzset()
+
+
+@pytest.fixture
+def stamps(set_zone):
+    """A Stamps in UTC, files dated 24 Nov 2026."""
+    set_zone("UTC")
+    return stamps_for(NOV_2026)
+
+
+def stamps_for(reference_s):
+    stamps = Stamps()
+    stamps.set_reference(reference_s)
+    return stamps
+
+
+def entry(ts=TS, host=None, program=None, pid=None, level=None, fields=None, message=""):
+    return Parsed(ts, host, program, pid, level, fields, message)
 
 
 class Daemon:
@@ -844,3 +886,654 @@ def test_rescan_finds_changes_that_give_no_event(tailer, logdir, db, tmp_path):
 ])
 def test_utf8_boundary(data, cut, expected):
     assert lt.utf8_boundary(data, cut) == expected
+
+
+# Entry parsing: pure functions ###############################################
+
+# normalize_level ################################################################
+
+@pytest.mark.parametrize("word,expected", [
+    ("WARN", "warning"), ("warning", "warning"), ("Err", "error"), ("ERROR", "error"),
+    ("FATAL", "critical"), ("crit", "critical"), ("CRITICAL", "critical"),
+    ("EMERG", "emergency"), ("emergency", "emergency"), ("PANIC", "emergency"),
+    ("info", "info"), ("INFORMATION", "info"), ("DEBUG", "debug"), ("dbg", "debug"),
+    ("TRACE", "trace"), ("Notice", "notice"), ("ALERT", "alert"),
+    ("0", "emergency"), ("1", "alert"), ("2", "critical"), ("3", "error"), ("4", "warning"),
+    ("5", "notice"), ("6", "info"), ("7", "debug"),
+    ("8", None), ("verbose", None), ("", None), ("INFO:", None), (" INFO", None),
+])
+def test_normalize_level(word, expected):
+    assert normalize_level(word) == expected
+
+
+# Stamps ##########################################################################
+
+@pytest.mark.parametrize("zone,text,expected", [
+    ("UTC", "Nov 24 13:59:19", "2026-11-24 13:59:19"),
+    ("UTC", "Nov  4 03:05:09", "2026-11-04 03:05:09"),
+    ("UTC", "Nov 04 03:05:09", "2026-11-04 03:05:09"),
+    ("UTC", "Jan  1 00:00:00", "2026-01-01 00:00:00"),
+    ("Europe/Berlin", "Nov 24 13:59:19", "2026-11-24 12:59:19"),  # winter, +01:00
+    ("Europe/Berlin", "Jul 14 13:59:19", "2026-07-14 11:59:19"),  # summer, +02:00
+    ("Europe/Berlin", "Oct 25 02:30:00", "2026-10-25 00:30:00"),  # twice: the summer one
+    ("Europe/Berlin", "Oct 25 03:00:00", "2026-10-25 02:00:00"),  # after the fall-back
+    ("Europe/Berlin", "Mar 29 02:30:00", "2026-03-29 00:30:00"),  # skipped: summer offset
+    ("America/New_York", "Nov 24 13:59:19", "2026-11-24 18:59:19"),  # EST, -05:00
+    ("America/New_York", "Jun  1 00:00:00", "2026-06-01 04:00:00"),  # EDT, -04:00
+    ("America/New_York", "Nov  1 01:30:00", "2026-11-01 05:30:00"),  # twice: the EDT one
+])
+def test_bsd_is_local_time(set_zone, zone, text, expected):
+    set_zone(zone)
+    assert stamps_for(NOV_2026).bsd(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "", "Nov 24 13:59", "Nov 24 13:59:1", "Nov 24 13:59:19 ", "Nov 24 13:59:19.123",
+    "Nov 24 13:59:60", "Nov 24 13:59:1x", "Nov 24 13:5x:19", "nov 24 13:59:19",
+    "Foo 24 13:59:19", "Nov 31 13:59:19", "Feb 29 10:00:00", "Nov 24 24:00:00",
+    "Nov 2413:59:19 ", "Nov 24 13:59:1\u00b2",
+])
+def test_bsd_rejects(stamps, text):
+    assert stamps.bsd(text) is None
+
+
+@pytest.mark.parametrize("zone,mtime_s,text,expected", [
+    ("UTC", JAN_2027, "Dec 31 23:59:59", "2026-12-31 23:59:59"),  # month after January: last year
+    ("UTC", JAN_2027, "Jan  1 00:00:01", "2027-01-01 00:00:01"),
+    ("UTC", NOV_2026, "Nov 30 10:00:00", "2026-11-30 10:00:00"),  # later day, same month
+    ("UTC", NOV_2026, "Dec  1 10:00:00", "2025-12-01 10:00:00"),
+    # 23:30 UTC on 31 Dec is already January in Berlin: the reference is local time.
+    ("Europe/Berlin", calendar.timegm((2026, 12, 31, 23, 30, 0)), "Jan  1 00:10:00",
+     "2026-12-31 23:10:00"),
+    ("UTC", calendar.timegm((2026, 12, 31, 23, 30, 0)), "Jan  1 00:10:00", "2026-01-01 00:10:00"),
+])
+def test_bsd_year_from_reference(set_zone, zone, mtime_s, text, expected):
+    set_zone(zone)
+    assert stamps_for(mtime_s).bsd(text) == expected
+
+
+def test_set_reference_redates_cached_minutes(stamps):
+    assert stamps.bsd("Dec 31 23:59:59") == "2025-12-31 23:59:59"
+    stamps.set_reference(JAN_2027)
+    assert stamps.bsd("Dec 31 23:59:59") == "2026-12-31 23:59:59"
+
+
+@pytest.mark.parametrize("zone,text,expected", [
+    ("UTC", "2026-11-24T13:59:19Z", "2026-11-24 13:59:19"),
+    ("UTC", "2026-11-24T13:59:19.123Z", "2026-11-24 13:59:19.123000"),
+    ("UTC", "2026-11-24T13:59:19.1Z", "2026-11-24 13:59:19.100000"),
+    ("UTC", "2026-11-24T13:59:19.123456789-07:00", "2026-11-24 20:59:19.123456"),  # cut to µs
+    ("UTC", "2026-11-24T13:59:19,5+01:00", "2026-11-24 12:59:19.500000"),
+    ("UTC", "2026-11-24 13:59:19+0100", "2026-11-24 12:59:19"),
+    ("UTC", "2026-11-24T13:59:19+01", "2026-11-24 12:59:19"),
+    ("UTC", "2026-11-24T13:59:19+05:30", "2026-11-24 08:29:19"),
+    ("UTC", "2026-11-24t13:59:19z", "2026-11-24 13:59:19"),
+    ("UTC", "2026-11-24 13:59:19 UTC", "2026-11-24 13:59:19"),
+    ("UTC", "2026/11/24 13:59:19", "2026-11-24 13:59:19"),  # Go's log package
+    ("UTC", "2026-11-24T23:30:00-05:00", "2026-11-25 04:30:00"),
+    ("UTC", "2026-12-31T23:59:59.999999-01:00", "2027-01-01 00:59:59.999999"),
+    ("Europe/Berlin", "2026-11-24 13:59:19,123", "2026-11-24 12:59:19.123000"),
+    ("Europe/Berlin", "2026-07-14T13:59:19", "2026-07-14 11:59:19"),
+    ("Europe/Berlin", "2026-07-14T13:59:19Z", "2026-07-14 13:59:19"),
+    ("Europe/Berlin", "2026-10-25T02:30:00", "2026-10-25 00:30:00"),
+    ("America/New_York", "2026-11-24 13:59:19", "2026-11-24 18:59:19"),
+    ("America/New_York", "2026-07-14 13:59:19.000001", "2026-07-14 17:59:19.000001"),
+])
+def test_iso(set_zone, zone, text, expected):
+    set_zone(zone)
+    assert stamps_for(NOV_2026).iso(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "", "2026-11-24", "2026-11-24T13:59", "2026-13-01T00:00:00Z", "2026-02-30T00:00:00Z",
+    "2026-11-24T24:00:00Z", "2026-11-24T13:59:60Z", "2026-11-24T13:59:19.Z",
+    "2026-11-24T13:59:19.1234567890Z", "2026-11-24T13:59:19+1", "2026-11-24T13:59:19 garbage",
+    "24-11-2026 13:59:19", "\uff12\uff10\uff12\uff16-11-24T13:59:19Z", "0000-01-01T00:00:00Z",
+    "9999-12-31T23:59:59-01:00",
+])
+def test_iso_rejects(stamps, text):
+    assert stamps.iso(text) is None
+
+
+@pytest.mark.parametrize("text", [
+    "2026-11-24T13:59", "2026-11-24T13:59:", "2026-11-24T13:59:1", "2026-11-24T13:59:1Z",
+    "2026-11-24T13:59:60Z", "2026-11-24T13:59:1xZ", "2026-11-24T13:59x19Z",
+    "2026-11-24T13:59:19.Z", "2026-11-24T13:59:19,Z", "2026-11-24T13:59:19.1234567890Z",
+    "2026-11-24T13:59:19.12a", "2026-11-24T13:59:19+01:00x", "2026-11-24T13:59:19 UTC ",
+])
+def test_iso_rejects_once_its_minute_is_cached(stamps, text):
+    for seen in ("2026-11-24T13:59:00Z", "2026-11-24T13:59:00", "2026-11-24T13:59:00+01:00",
+                 "2026-11-24T13:59:00.5Z", "2026-11-24T13:59:00 UTC"):
+        assert stamps.iso(seen) is not None
+    assert stamps.iso(text) is None
+
+
+@pytest.mark.parametrize("number,expected", [
+    (EPOCH_S, TS),
+    (EPOCH_S + 0.123, TS + ".123000"),
+    (EPOCH_S * 1000 + 123, TS + ".123000"),  # milliseconds
+    (EPOCH_S * 1000 + 123.5, TS + ".123500"),
+    (EPOCH_S * 1_000_000 + 123456, TS + ".123456"),  # microseconds
+    (EPOCH_S * 1_000_000_000 + 123456789, TS + ".123456"),  # nanoseconds
+    (0, "1970-01-01 00:00:00"),
+    (-1, "1969-12-31 23:59:59"),
+    (True, None), ("1795528759", None), (None, None), (float("nan"), None),
+    (float("inf"), None), (10**30, None), (-10**16, None),
+])
+def test_epoch(stamps, number, expected):
+    assert stamps.epoch(number) == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("10/Oct/2000:13:55:36 -0700", "2000-10-10 20:55:36"),
+    ("24/Nov/2026:13:59:19 +0100", "2026-11-24 12:59:19"),
+    ("24/Nov/2026:13:59:19 +0530", "2026-11-24 08:29:19"),
+    ("01/Jan/2027:00:30:00 +0100", "2026-12-31 23:30:00"),
+    ("10/Foo/2000:13:55:36 -0700", None), ("10/Oct/2000:13:55:36", None),
+    ("31/Nov/2026:13:59:19 +0100", None), ("10/Oct/2000:13:55:66 -0700", None),
+    ("10/Oct/2000 13:55:36 -0700", None), ("", None),
+])
+def test_clf_time(stamps, text, expected):
+    assert stamps.clf(text) == expected
+
+
+def test_new_stamps_follow_tzset(set_zone):
+    set_zone("UTC")
+    assert Stamps().iso("2026-11-24 13:59:19") == TS
+    set_zone("Europe/Berlin")
+    assert Stamps().iso("2026-11-24 13:59:19") == "2026-11-24 12:59:19"
+    set_zone("America/New_York")
+    assert Stamps().iso("2026-11-24 13:59:19") == "2026-11-24 18:59:19"
+
+
+def test_minute_caches_stay_bounded(stamps):
+    for minute in range(CACHE_MINUTES + 10):
+        stamps.epoch(EPOCH_S + 60 * minute)
+        stamps.iso(time.strftime("%Y-%m-%dT%H:%M:19Z", time.gmtime(EPOCH_S + 60 * minute)))
+    assert 0 < len(stamps.epoch_minutes) <= CACHE_MINUTES
+    assert 0 < len(stamps.iso_minutes) <= CACHE_MINUTES
+    assert stamps.epoch(EPOCH_S) == TS
+
+
+# parse_syslog ####################################################################
+
+@pytest.mark.parametrize("line,expected", [
+    ("Nov 24 13:59:19 web-01 nginx[1234]: msg",
+     entry(host="web-01", program="nginx", pid=1234, message="msg")),
+    ("Nov  4 03:05:09 web-01 nginx[1234]: padded day",
+     entry(ts="2026-11-04 03:05:09", host="web-01", program="nginx", pid=1234,
+           message="padded day")),
+    ("Nov 24 13:59:19 web-01 kernel: [12345.678] usb 1-1: new high-speed USB device",
+     entry(host="web-01", program="kernel",
+           message="[12345.678] usb 1-1: new high-speed USB device")),
+    ("Nov 24 13:59:19 web-01 systemd-logind[77]: New session 3 of user alice.",
+     entry(host="web-01", program="systemd-logind", pid=77,
+           message="New session 3 of user alice.")),
+    ("Nov 24 13:59:19 mx postfix/smtpd[99]: connect from unknown[192.0.2.1]",
+     entry(host="mx", program="postfix/smtpd", pid=99, message="connect from unknown[192.0.2.1]")),
+    ("Nov 24 13:59:19 web-01 CRON[12]: (root) CMD (run-parts /etc/cron.hourly)",
+     entry(host="web-01", program="CRON", pid=12,
+           message="(root) CMD (run-parts /etc/cron.hourly)")),
+    ("Nov 24 13:59:19 web-01 (sd-pam)[1234]: pam_unix(systemd-user:session): session closed",
+     entry(host="web-01", program="(sd-pam)", pid=1234,
+           message="pam_unix(systemd-user:session): session closed")),
+    ("Nov 24 13:59:19 web-01 sudo:    alice : TTY=pts/0 ; COMMAND=/bin/ls",
+     entry(host="web-01", program="sudo", message="   alice : TTY=pts/0 ; COMMAND=/bin/ls")),
+    ("Nov 24 13:59:19 web-01 app[5]: error: disk full",
+     entry(host="web-01", program="app", pid=5, message="error: disk full")),
+    ("Nov 24 13:59:19 web-01 foo[abc]: odd pid",
+     entry(host="web-01", program="foo[abc]", message="odd pid")),
+    ("Nov 24 13:59:19 web-01 prog:", entry(host="web-01", program="prog")),
+    ("Nov 24 13:59:19 web-01 prog[3]:", entry(host="web-01", program="prog", pid=3)),
+    ("Nov 24 13:59:19 web-01 last message repeated 3 times",
+     entry(host="web-01", message="last message repeated 3 times")),
+    ("Nov 24 13:59:19 web-01", entry(host="web-01")),
+    ("Nov 24 13:59:19 web-01 app: caf\ufffd \ufffd", entry(host="web-01", program="app",
+                                                       message="caf\ufffd \ufffd")),
+    ("2026-11-24T13:59:19.123456+01:00 web-01 sshd[2]: msg",  # RSYSLOG_FileFormat
+     entry(ts="2026-11-24 12:59:19.123456", host="web-01", program="sshd", pid=2, message="msg")),
+    ("2026-11-24T13:59:19Z web-01 sshd[2]: msg",
+     entry(host="web-01", program="sshd", pid=2, message="msg")),
+    ("<34>Nov 24 13:59:19 web-01 su: 'su root' failed",
+     entry(host="web-01", program="su", level="critical", fields={"facility": "auth"},
+           message="'su root' failed")),
+    ("<0>Nov 24 13:59:19 web-01 kernel: panic",
+     entry(host="web-01", program="kernel", level="emergency", fields={"facility": "kern"},
+           message="panic")),
+    ("<191>Nov 24 13:59:19 web-01 app[1]: x",
+     entry(host="web-01", program="app", pid=1, level="debug", fields={"facility": "local7"},
+           message="x")),
+    ("<13>2026-11-24T13:59:19Z web-01 app: x",
+     entry(host="web-01", program="app", level="notice", fields={"facility": "user"}, message="x")),
+    ("<78>Nov 24 13:59:19 web-01 CRON[12]: x",
+     entry(host="web-01", program="CRON", pid=12, level="info", fields={"facility": "cron"},
+           message="x")),
+    ("<165>1 2026-11-24T13:59:19.123Z web-01 app 77 ID47 - hi",  # RFC 5424 goes through too
+     entry(ts=TS + ".123000", host="web-01", program="app", pid=77, level="notice",
+           fields={"facility": "local4", "msgid": "ID47"}, message="hi")),
+])
+def test_parse_syslog(stamps, line, expected):
+    assert parse_syslog(line, stamps) == expected
+
+
+@pytest.mark.parametrize("line", [
+    "", "   ", "\tat com.foo.Bar(Bar.java:10)", "Traceback (most recent call last):",
+    "Caused by: java.io.IOException: broken pipe", "  File \"app.py\", line 3, in <module>",
+    "Nov 24 13:5", "Nov 24 13:59:19", "Nov 24 13:59:19 ", "Nov 24 13:59:19  web-01 x: y",
+    "Nov 32 13:59:19 web-01 x: y", "Nov 24 13:59:19web-01 x: y", "<34>", "<34",
+    "<192>Nov 24 13:59:19 web-01 p: m", "<x>Nov 24 13:59:19 web-01 p: m",
+    "<034>Nov 24 13:59:19 web-01 p: m", "<34>garbage", "<165>1 garbage",
+    "2026-11-24 13:59:19 web-01 p: m", "12345 something", "Mon Nov 24 13:59:19 2026 foo",
+    "2026-11-24T13:59:19Z", "\ufffd\ufffd\ufffd",
+])
+def test_parse_syslog_rejects(stamps, line):
+    assert parse_syslog(line, stamps) is None
+
+
+# parse_rfc5424 ###################################################################
+
+@pytest.mark.parametrize("line,expected", [
+    ('<165>1 2026-11-24T13:59:19.123Z web-01 app 77 ID47 [sd@1 a="b" c="d\\"q"][other@2 x="y"] hi',
+     entry(ts=TS + ".123000", host="web-01", program="app", pid=77, level="notice",
+           fields={"facility": "local4", "msgid": "ID47",
+                   "sd": {"sd@1": {"a": "b", "c": 'd"q'}, "other@2": {"x": "y"}}},
+           message="hi")),
+    ("<34>1 2003-10-11T22:14:15.003Z mymachine.example.com su - ID47 - \ufeff'su root' failed",
+     entry(ts="2003-10-11 22:14:15.003000", host="mymachine.example.com", program="su",
+           level="critical", fields={"facility": "auth", "msgid": "ID47"},
+           message="'su root' failed")),
+    ("<165>1 2003-08-24T05:14:15.000003-07:00 192.0.2.1 myproc 8710 - - %% It's time",
+     entry(ts="2003-08-24 12:14:15.000003", host="192.0.2.1", program="myproc", pid=8710,
+           level="notice", fields={"facility": "local4"}, message="%% It's time")),
+    ('<165>1 2003-10-11T22:14:15.003Z mymachine evntslog - ID47 [exampleSDID@32473 iut="3" '
+     'eventSource="Application"][examplePriority@32473 class="high"]',
+     entry(ts="2003-10-11 22:14:15.003000", host="mymachine", program="evntslog",
+           level="notice", fields={"facility": "local4", "msgid": "ID47", "sd": {
+               "exampleSDID@32473": {"iut": "3", "eventSource": "Application"},
+               "examplePriority@32473": {"class": "high"}}})),
+    ("<14>1 - - - - - -", entry(ts=None, level="info", fields={"facility": "user"})),
+    ("<14>1 - - - - - - ", entry(ts=None, level="info", fields={"facility": "user"})),
+    ("<14>1 2026-11-24T13:59:19Z web-01 app worker-3 - - hi",
+     entry(host="web-01", program="app", level="info",
+           fields={"facility": "user", "procid": "worker-3"}, message="hi")),
+    ('<14>1 2026-11-24T13:59:19Z h a 1 - [x@1 p="a\\\\b\\]c\\n"] m',
+     entry(host="h", program="a", pid=1, level="info",
+           fields={"facility": "user", "sd": {"x@1": {"p": "a\\b]c\\n"}}}, message="m")),
+    ("<14>1 2026-11-24T13:59:19Z h a 1 - [x@1] m  two  spaces ",
+     entry(host="h", program="a", pid=1, level="info",
+           fields={"facility": "user", "sd": {"x@1": {}}}, message="m  two  spaces ")),
+])
+def test_parse_rfc5424(stamps, line, expected):
+    assert parse_rfc5424(line, stamps) == expected
+    assert parse_syslog(line, stamps) == expected
+
+
+@pytest.mark.parametrize("line", [
+    "", "<165>", "<165>1", "<165>1 ", "<165>2 2026-11-24T13:59:19Z h a - - - m",
+    "<165>1 2026-11-24T13:59:19Z h a", "<165>1 2026-11-24T13:59:19Z h a - -",
+    "<165>1 yesterday h a - - - m", "<165>1 2026-11-24T13:59:19Z  a - - - m",
+    '<165>1 2026-11-24T13:59:19Z h a - - [x@1 p="v" m',
+    '<165>1 2026-11-24T13:59:19Z h a - - [x@1 p=v] m',
+    '<165>1 2026-11-24T13:59:19Z h a - - [x@1 p="v"]m', "<165>1 2026-11-24T13:59:19Z h a - - -m",
+    "<165>1 2026-11-24T13:59:19Z h a - - m", "Nov 24 13:59:19 web-01 nginx[1234]: msg",
+    "<999>1 2026-11-24T13:59:19Z h a - - - m",
+])
+def test_parse_rfc5424_rejects(stamps, line):
+    assert parse_rfc5424(line, stamps) is None
+
+
+# parse_json ######################################################################
+
+@pytest.mark.parametrize("line,expected", [
+    ('{"name":"myapp","hostname":"banana.local","pid":40161,"level":30,"msg":"hi",'  # bunyan
+     '"time":"2026-11-24T13:59:19.851Z","v":0}',
+     entry(ts=TS + ".851000", host="banana.local", pid=40161, level="info",
+           fields={"name": "myapp", "v": 0}, message="hi")),
+    ('{"level":50,"time":1795528759123,"pid":7,"hostname":"h","msg":"boom"}',  # pino
+     entry(ts=TS + ".123000", host="h", pid=7, level="error", message="boom")),
+    ('{"@timestamp":"2026-11-24T13:59:19.000Z","message":"x","host":"h","severity":"WARN"}',
+     entry(ts=TS + ".000000", host="h", level="warning", message="x")),
+    ('{"event":"user logged in","level":"info","timestamp":"2026-11-24T13:59:19.123456Z",'
+     '"user":42}',  # structlog
+     entry(ts=TS + ".123456", level="info", fields={"user": 42}, message="user logged in")),
+    ('{"asctime":"2026-11-24 13:59:19,123","levelname":"ERROR","name":"app","message":"x"}',
+     entry(ts=None, level="error", fields={"asctime": "2026-11-24 13:59:19,123", "name": "app"},
+           message="x")),
+    ('{"ts":1795528759.5,"lvl":"dbg","msg":"x"}',
+     entry(ts=TS + ".500000", level="debug", message="x")),
+    ('{"ts":1795528759,"severity":3,"msg":"x"}', entry(level="error", message="x")),
+    ('{"ts":1795528759,"level":60,"msg":"x"}', entry(level="critical", message="x")),
+    ('{"ts":1795528759,"level":"fatal","msg":"x"}', entry(level="critical", message="x")),
+    ('{"time":"yesterday","msg":"x"}', entry(ts=None, fields={"time": "yesterday"}, message="x")),
+    ('{"time":"yesterday","ts":1795528759,"msg":"x"}', entry(fields={"time": "yesterday"},
+                                                            message="x")),
+    ('{"ts":true,"level":"verbose","pid":true,"host":7,"msg":"x"}',
+     entry(ts=None, fields={"ts": True, "level": "verbose", "pid": True, "host": 7}, message="x")),
+    ('{"ts":1795528759,"pid":"123","msg":"x"}', entry(pid=123, message="x")),
+    ('{"ts":1795528759,"pid":-1,"msg":"x"}', entry(fields={"pid": -1}, message="x")),
+    ('{"msg":42,"message":"second"}', entry(ts=None, fields={"msg": 42}, message="second")),
+    ('{"msg":42}', entry(ts=None, fields={"msg": 42}, message='{"msg":42}')),
+    ('{"ts":1795528759,"req":{"id":1,"headers":["a","b"]},"msg":"x"}',
+     entry(fields={"req": {"id": 1, "headers": ["a", "b"]}}, message="x")),
+    ('  {"ts":1795528759,"msg":"indented"}', entry(message="indented")),
+    ("{}", entry(ts=None, message="{}")),
+    ('{"msg":"bad \\ud800 surrogate","k\\udfff":"\\ud83d\\ude00"}',
+     entry(ts=None, fields={"k\ufffd": "\U0001f600"}, message="bad \ufffd surrogate")),
+])
+def test_parse_json(stamps, line, expected):
+    assert parse_json(line, stamps) == expected
+
+
+@pytest.mark.parametrize("line", [
+    "", "{", '{"a":', "[1, 2]", '"text"', "42", "null", "not json", '{"a":1} trailing',
+    "{'a': 1}", '{"a": ' + "[" * 100_000, "\ufffd{}",
+])
+def test_parse_json_rejects(stamps, line):
+    assert parse_json(line, stamps) is None
+
+
+def test_json_lone_surrogate_is_storable(stamps):
+    parsed = parse_json('{"msg":"\\udcff","\\ud800":["\\ud801"]}', stamps)
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE t (message TEXT, fields TEXT)")
+    db.execute("INSERT INTO t VALUES (?, ?)",
+               (parsed[6], json.dumps(parsed[5], ensure_ascii=False)))
+    assert db.execute("SELECT message, fields FROM t").fetchone() == (
+        "\ufffd", '{"\ufffd": ["\ufffd"]}')
+
+
+# parse_clf #######################################################################
+
+def clf_fields(**changes):
+    fields = {"remote_addr": "127.0.0.1", "user": None, "method": "GET", "path": "/",
+              "protocol": "HTTP/1.1", "status": 200, "bytes": 512, "referer": None,
+              "user_agent": "curl/8.5.0"}
+    fields.update(changes)
+    return fields
+
+
+def nginx(rest, level="info", addr="127.0.0.1", **changes):
+    """(line, expected) for an nginx combined line from that address, ending in rest."""
+    line = f"{addr} - - [24/Nov/2026:13:59:19 +0100] {rest}"
+    fields = clf_fields(remote_addr=addr, **changes)
+    return line, entry(ts="2026-11-24 12:59:19", level=level, fields=fields, message=line)
+
+
+COMMON = '127.0.0.1 - frank [10/Oct/2000:13:55:36 -0700] "GET /apache_pb.gif HTTP/1.0" 200 2326'
+COMBINED = COMMON + ' "http://www.example.com/start.html" "Mozilla/4.08 [en] (Win98; I ;Nav)"'
+NGINX = '127.0.0.1 - - [24/Nov/2026:13:59:19 +0100] '
+
+
+@pytest.mark.parametrize("line,expected", [
+    (COMMON, entry(ts="2000-10-10 20:55:36", level="info", message=COMMON, fields={
+        "remote_addr": "127.0.0.1", "user": "frank", "method": "GET", "path": "/apache_pb.gif",
+        "protocol": "HTTP/1.0", "status": 200, "bytes": 2326})),
+    (COMBINED, entry(ts="2000-10-10 20:55:36", level="info", message=COMBINED, fields={
+        "remote_addr": "127.0.0.1", "user": "frank", "method": "GET", "path": "/apache_pb.gif",
+        "protocol": "HTTP/1.0", "status": 200, "bytes": 2326,
+        "referer": "http://www.example.com/start.html",
+        "user_agent": "Mozilla/4.08 [en] (Win98; I ;Nav)"})),
+    nginx('"GET / HTTP/1.1" 200 512 "-" "curl/8.5.0"'),
+    nginx('"GET / HTTP/1.1" 304 0 "-" "curl/8.5.0"', addr="2001:db8::1", status=304, bytes=0),
+    nginx('"GET / HTTP/1.1" 200 - "-" "curl/8.5.0"', bytes=None),
+    nginx('"GET /q?a=\\"x\\" HTTP/1.1" 200 512 "-" "Mozilla \\"quoted\\" \\\\ agent"',
+          path='/q?a="x"', user_agent='Mozilla "quoted" \\ agent'),
+    nginx('"-" 400 0 "-" "-"', level="warning", method=None, path=None, protocol=None,
+          status=400, bytes=0, user_agent=None),
+    nginx('"\\x16\\x03\\x01\\x00\\xca\\x01" 400 157 "-" "-"', level="warning", method=None,
+          path=None, protocol=None, status=400, bytes=157, user_agent=None),
+    nginx('"\\x03\\x00\\x00/*\\xE0\\x00Cookie: mstshash=Administr" 400 157 "-" "-"',  # RDP probe
+          level="warning", method=None, path=None, protocol=None, status=400, bytes=157,
+          user_agent=None),
+    nginx('"GET /" 200 512 "-" "curl/8.5.0"', protocol=None),
+    nginx('"PRI * HTTP/2.0" 400 0 "-" "-"', level="warning", method="PRI", path="*",
+          protocol="HTTP/2.0", status=400, bytes=0, user_agent=None),
+    nginx('"GET /a b HTTP/1.1" 200 512 "-" "curl/8.5.0"', path="/a b"),
+    nginx('"POST /api HTTP/1.1" 502 166 "https://x.example/" "curl/8.5.0"', level="error",
+          method="POST", path="/api", status=502, bytes=166, referer="https://x.example/"),
+    nginx('"GET /x HTTP/1.1" 404 0 "-" "curl/8.5.0" "203.0.113.9"',  # nginx's "main" format
+          level="warning", path="/x", status=404, bytes=0),
+    nginx('"GET / HTTP/1.1" 200 512 "-" "curl/8.5.0"\r'),
+])
+def test_parse_clf(stamps, line, expected):
+    assert parse_clf(line, stamps) == expected
+
+
+@pytest.mark.parametrize("line", [
+    "", "garbage", NGINX + '"GET / HTTP/1.1" 200', NGINX + '"GET / HTTP/1.1" 2000 1',
+    NGINX + '"GET / HTTP/1.1 200 512', NGINX + "GET / HTTP/1.1 200 512",
+    '127.0.0.1 - - [10/Oct/2000:13:55:36] "GET / HTTP/1.0" 200 1',
+    '127.0.0.1 - - [yesterday] "GET / HTTP/1.0" 200 1',
+    NGINX + '"GET / HTTP/1.1" 200 512x', NGINX + '"GET / HTTP/1.1" 200 ' + "9" * 5000,
+    "Nov 24 13:59:19 web-01 nginx[1234]: msg", '{"msg": "x"}',
+])
+def test_parse_clf_rejects(stamps, line):
+    assert parse_clf(line, stamps) is None
+
+
+# parse_app #######################################################################
+
+@pytest.mark.parametrize("line,expected", [
+    # Python logging, '%(asctime)s %(levelname)s %(name)s: %(message)s'
+    ("2026-11-24 13:59:19,123 INFO app.db: connected",
+     entry(ts=TS + ".123000", program="app.db", level="info", message="connected")),
+    ("2026-11-24 13:59:19,123 WARNING root: disk: 91% full",
+     entry(ts=TS + ".123000", program="root", level="warning", message="disk: 91% full")),
+    # the logging cookbook's '%(asctime)s - %(name)s - %(levelname)s - %(message)s'
+    ("2026-11-24 13:59:19,123 - app.db - INFO - connected",
+     entry(ts=TS + ".123000", program="app.db", level="info", message="connected")),
+    # '%(asctime)s %(name)s %(levelname)s %(message)s': level second
+    ("2026-11-24 13:59:19,123 app.db ERROR lost connection",
+     entry(ts=TS + ".123000", program="app.db", level="error", message="lost connection")),
+    # log4j2/logback '%d{ISO8601} [%t] %-5level %logger{36} - %msg%n'
+    ("2026-11-24 13:59:19,123 [main] INFO  com.example.App - started",
+     entry(ts=TS + ".123000", program="com.example.App", level="info", fields={"thread": "main"},
+           message="started")),
+    ("2026-11-24 13:59:19,123 [pool-1 thread-2] WARN  c.e.Job - slow - 2s",
+     entry(ts=TS + ".123000", program="c.e.Job", level="warning",
+           fields={"thread": "pool-1 thread-2"}, message="slow - 2s")),
+    # log4j '%d %-5p [%c] %m%n'
+    ("2026-11-24 13:59:19,123 ERROR [com.example.App] failed",
+     entry(ts=TS + ".123000", program="com.example.App", level="error", message="failed")),
+    # Spring Boot 2 default; Spring Boot 3 default, with and without the application name
+    ("2026-11-24 13:59:19.123  INFO 4242 --- [           main] "
+     "o.s.b.StartupInfoLogger                  : Starting",
+     entry(ts=TS + ".123000", program="o.s.b.StartupInfoLogger", pid=4242, level="info",
+           fields={"thread": "main"}, message="Starting")),
+    ("2026-11-24T13:59:19.123+01:00  INFO 4242 --- [main] o.s.b.StartupInfoLogger : Starting",
+     entry(ts="2026-11-24 12:59:19.123000", program="o.s.b.StartupInfoLogger", pid=4242,
+           level="info", fields={"thread": "main"}, message="Starting")),
+    ("2026-11-24T13:59:19.123Z  WARN 4242 --- [demo] [           main] "
+     "o.s.b.w.e.tomcat.TomcatWebServer         : Tomcat: port 8080",
+     entry(ts=TS + ".123000", program="o.s.b.w.e.tomcat.TomcatWebServer", pid=4242,
+           level="warning", fields={"thread": "main"}, message="Tomcat: port 8080")),
+    # Go's log package: no level
+    ("2026/11/24 13:59:19 message", entry(message="message")),
+    ("2026/11/24 13:59:19.123456 main.go:12: listening", entry(ts=TS + ".123456",
+                                                             message="main.go:12: listening")),
+    ("2026/11/24 13:59:19 error opening config", entry(message="error opening config")),
+    ("2026/11/24 13:59:19", entry(message="")),
+    # zap's console encoder, production (lower case) and development (upper case)
+    ("2026-11-24T13:59:19.123+0100\tinfo\tapp/main.go:12\tstarted",
+     entry(ts="2026-11-24 12:59:19.123000", level="info", fields={"caller": "app/main.go:12"},
+           message="started")),
+    ("2026-11-24T13:59:19.123+0100\tERROR\tdb\tapp/db.go:40\tquery failed\t{\"table\": \"t\"}",
+     entry(ts="2026-11-24 12:59:19.123000", program="db", level="error",
+           fields={"caller": "app/db.go:40"}, message="query failed\t{\"table\": \"t\"}")),
+    # Go slog TextHandler, logrus TextFormatter
+    ('time=2026-11-24T13:59:19.123+01:00 level=INFO msg="hello world" user=42',
+     entry(ts="2026-11-24 12:59:19.123000", level="info", fields={"user": "42"},
+           message="hello world")),
+    ('time=2026-11-24T13:59:19Z level=INFO+2 msg="say \\"hi\\"\\n" path="/a b" empty=',
+     entry(fields={"level": "INFO+2", "path": "/a b", "empty": ""}, message='say "hi"\n')),
+    ('time="2026-11-24T13:59:19+01:00" level=warning msg="disk low" free=3%',
+     entry(ts="2026-11-24 12:59:19", level="warning", fields={"free": "3%"}, message="disk low")),
+    ("time=2026-11-24T13:59:19Z level=DEBUG", entry(level="debug", message=(
+        "time=2026-11-24T13:59:19Z level=DEBUG"))),
+    # Rust env_logger and tracing-subscriber
+    ("[2026-11-24T13:59:19Z INFO  myapp::db] connected",
+     entry(program="myapp::db", level="info", message="connected")),
+    ("2026-11-24T13:59:19.123456Z  INFO myapp: started",
+     entry(ts=TS + ".123456", program="myapp", level="info", message="started")),
+    ("2026-11-24T13:59:19.123456Z ERROR myapp::net: peer reset: retrying",
+     entry(ts=TS + ".123456", program="myapp::net", level="error", message="peer reset: retrying")),
+    # odds and ends
+    ("[2026-11-24 13:59:19] WARN something odd", entry(level="warning", message="something odd")),
+    ("2026-11-24 13:59:19 INFO", entry(level="info")),
+    ("2026-11-24 13:59:19,123 CRITICAL", entry(ts=TS + ".123000", level="critical")),
+])
+def test_parse_app(stamps, line, expected):
+    assert parse_app(line, stamps) == expected
+
+
+@pytest.mark.parametrize("line", [
+    "", "   ", "\tat com.foo.Bar(Bar.java:10)", "Traceback (most recent call last):",
+    '  File "app.py", line 3, in <module>', "ValueError: boom", "\t... 12 more",
+    "Caused by: java.lang.IllegalStateException: x", "INFO app: x", "2026-11-24",
+    "2026-11-24 13:59", "2026-13-45 13:59:19 INFO x", "2026-11-24 13:59:19INFO x",
+    "time=yesterday level=INFO msg=x", "level=INFO msg=x", "Nov 24 13:59:19 web-01 x: y",
+])
+def test_parse_app_rejects(stamps, line):
+    assert parse_app(line, stamps) is None
+
+
+# make_pattern_parser #############################################################
+
+@pytest.mark.parametrize("regex,line,expected", [
+    (r"(?P<ts>\S+ \S+) (?P<level>\w+) \[(?P<program>[^\]]+)\] (?P<message>.*)",
+     "2026-11-24 13:59:19 WARN [db] slow query",
+     entry(program="db", level="warning", message="slow query")),
+    (r"(?P<ts>\w+ +\d+ \S+) (?P<host>\S+) (?P<program>\w+)\[(?P<pid>\d+)\]: (?P<message>.*)",
+     "Nov 24 13:59:19 web-01 app[42]: hi",
+     entry(host="web-01", program="app", pid=42, message="hi")),
+    (r"(?P<ts>[\d.]+) (?P<message>.*)", "1795528759.5 hello", entry(ts=TS + ".500000",
+                                                                      message="hello")),
+    (r"(?P<ts>\d+) (?P<message>.*)", "1795528759123 hello", entry(ts=TS + ".123000",
+                                                                message="hello")),
+    (r"\[(?P<ts>[^\]]+)\] (?P<message>.*)", "[24/Nov/2026:13:59:19 +0000] x", entry(message="x")),
+    (r"(?P<ts>\S+) (?P<pid>\S+) (?P<level>\S+) (?P<message>.*)", "yesterday abc verbose x",
+     entry(ts=None, fields={"ts": "yesterday", "pid": "abc", "level": "verbose"}, message="x")),
+    (r"(?P<user>\w+) did (?P<what>\w+)(?: in (?P<where>\w+))?", "alice did login",
+     entry(ts=None, fields={"user": "alice", "what": "login"}, message="alice did login")),
+    (r"(?P<level>\w+)(?:: (?P<message>.*))?", "ERROR", entry(ts=None, level="error")),
+    (r"(\d+) (\w+)", "12 ab", entry(ts=None, message="12 ab")),
+])
+def test_pattern_parser(stamps, regex, line, expected):
+    assert make_pattern_parser(regex)(line, stamps) == expected
+
+
+def test_pattern_parser_rejects_non_matching_line(stamps):
+    assert make_pattern_parser(r"(?P<ts>\d+) (?P<message>.*)")("abc def", stamps) is None
+
+
+def test_pattern_parser_bad_regex_is_value_error():
+    with pytest.raises(ValueError, match=r"^--pattern '\(\?P<ts>' is not a valid regular "):
+        make_pattern_parser("(?P<ts>")
+
+
+# detect_format ###################################################################
+
+SYSLOG_LINES = [f"Nov 24 13:59:{s:02d} web-01 sshd[{100 + s}]: Accepted publickey"
+                for s in range(8)]
+PYTHON_TRACEBACK_LOG = [
+    "2026-11-24 13:59:19,123 INFO app: starting",
+    "2026-11-24 13:59:20,001 ERROR app: request failed",
+    "Traceback (most recent call last):",
+    '  File "/srv/app/main.py", line 12, in handle',
+    "    result = compute(x)",
+    '  File "/srv/app/main.py", line 30, in compute',
+    "    return 1 / x",
+    "ZeroDivisionError: division by zero",
+    "",
+    "2026-11-24 13:59:21,500 INFO app: recovered",
+]
+JAVA_TRACE_LOG = [
+    "2026-11-24 13:59:19,123 [main] ERROR com.example.App - request failed",
+    "java.lang.IllegalStateException: boom",
+    *[f"\tat com.example.Layer{n}.call(Layer{n}.java:{n + 10})" for n in range(14)],
+    "Caused by: java.io.IOException: broken pipe",
+    "\t... 12 more",
+    "2026-11-24 13:59:20,000 [main] INFO  com.example.App - retrying",
+]
+
+
+@pytest.mark.parametrize("lines,expected", [
+    (SYSLOG_LINES, "syslog"),
+    (["<165>1 2026-11-24T13:59:19.123Z web-01 app 77 ID47 - hi"] * 5, "syslog"),
+    (["2026-11-24T13:59:19.123456+01:00 web-01 sshd[2]: msg"] * 5, "syslog"),  # not level-less app
+    (['{"level":30,"time":1795528759123,"msg":"hi"}'] * 5, "json"),
+    (["starting up..."] + ['{"level":30,"msg":"hi"}'] * 5, "json"),
+    ([NGINX + '"GET / HTTP/1.1" 200 512 "-" "curl/8.5.0"'] * 5, "clf"),
+    (PYTHON_TRACEBACK_LOG, "app"),
+    (JAVA_TRACE_LOG, "app"),
+    (["2026-11-24T13:59:19Z INFO app: started"] * 5, "app"),  # would parse as syslog, host INFO
+    (["2026/11/24 13:59:19 listening on :8080"] * 5, "app"),
+    (["\tat com.example.Old.run(Old.java:1)"] + SYSLOG_LINES, "syslog"),  # rotated mid-entry
+    (["hello", "world", SYSLOG_LINES[0], '{"msg":"x"}', NGINX + '"GET / HTTP/1.1" 200 1',
+      "more junk", "and more"], "plain"),
+    (["hello", "world", SYSLOG_LINES[0], "more junk", "and more"], "plain"),  # one header only
+    (["junk"] * 20 + ['{"msg":"x"}'] * 50, "plain"),  # only the first 20 lines count
+    ([SYSLOG_LINES[0]] + ["junk"] * 5 + ['{"msg":"x"}'] * 6, "json"),
+    ([], "plain"),
+    (["", "   ", ""], "plain"),
+])
+def test_detect_format(stamps, lines, expected):
+    assert detect_format(lines, stamps) == expected
+
+
+def test_parser_tables():
+    assert set(PARSERS) == {"syslog", "rfc5424", "json", "clf", "app"}
+    assert MULTILINE_FORMATS == {"syslog", "rfc5424", "app"}
+
+
+# Never raise, always well-formed #################################################
+
+LEVEL_NAMES = {None, "trace", "debug", "info", "notice", "warning", "error", "critical", "alert",
+               "emergency"}
+TS_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{6})?")
+SAMPLES = [
+    "Nov 24 13:59:19 web-01 nginx[1234]: msg",
+    "<34>Nov 24 13:59:19 web-01 su: 'su root' failed",
+    '<165>1 2026-11-24T13:59:19.123Z web-01 app 77 ID47 [sd@1 a="b" c="d\\"q"] hi',
+    '{"ts":1795528759,"level":30,"pid":3,"msg":"x","req":{"a":[1,2]}}',
+    NGINX + '"GET /q?a=\\"x\\" HTTP/1.1" 200 512 "-" "Mozilla \\"q\\""',
+    "2026-11-24T13:59:19.123+01:00  INFO 4242 --- [main] o.s.b.StartupInfoLogger : Starting",
+    'time=2026-11-24T13:59:19.123+01:00 level=INFO msg="hello world" user=42',
+    "[2026-11-24T13:59:19Z INFO  myapp::db] connected",
+]
+
+
+def mangled_lines():
+    """Every prefix of the samples, and seeded random edits of them."""
+    rng = random.Random(4242)
+    alphabet = ' \t<>[]{}":=,.-/+0123456789aZ\\\ufffd\ufeff\u00b2'
+    for sample in SAMPLES:
+        yield from (sample[:cut] for cut in range(len(sample) + 1))
+        for _ in range(300):
+            chars = list(sample)
+            for _ in range(rng.randint(1, 4)):
+                chars[rng.randrange(len(chars))] = rng.choice(alphabet)
+            yield "".join(chars)
+
+
+def test_parsers_never_raise_and_return_storable_tuples(stamps):
+    db = sqlite3.connect(":memory:")
+    parsers = [*PARSERS.values(), make_pattern_parser(r"(?P<ts>\S+) (?P<pid>\S+) (?P<x>.*)")]
+    checked = 0
+    for line in mangled_lines():
+        for parse in parsers:
+            parsed = parse(line, stamps)
+            if parsed is None:
+                continue
+            ts, host, program, pid, level, fields, message = parsed
+            assert ts is None or (TS_RE.fullmatch(ts) and
+                                  db.execute("SELECT datetime(?)", (ts,)).fetchone()[0]), parsed
+            assert host is None or isinstance(host, str), parsed
+            assert program is None or isinstance(program, str), parsed
+            assert pid is None or (type(pid) is int and 0 <= pid < 2**63), parsed
+            assert level in LEVEL_NAMES, parsed
+            assert fields is None or (isinstance(fields, dict) and fields), parsed
+            json.dumps(fields)
+            assert isinstance(message, str), parsed
+            checked += 1
+    assert checked > 1000
