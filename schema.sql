@@ -1,4 +1,4 @@
--- logtail2db schema, version 1 (kept in PRAGMA user_version).
+-- logtail2db schema, version 2 (kept in PRAGMA user_version).
 -- Applied when the database is new; logtail2db.py carries the same text.
 
 -- One row per file identity: (dev, ino) guarded by the file's first bytes.
@@ -45,4 +45,18 @@ CREATE TABLE meta (
     value
 );
 
-PRAGMA user_version = 1;
+-- When entries were stored, a row a minute at most: entries with id >= first_id were
+-- stored at `at` or later. --keep ages entries that have no time of their own by it.
+CREATE TABLE ingested (
+    at       TEXT PRIMARY KEY,      -- UTC, 'YYYY-MM-DD HH:MM:SS'
+    first_id INTEGER NOT NULL
+);
+
+-- Entries with their file's path, so that the first query is one line:
+--   SELECT ts, level, path, message FROM logs WHERE level = 'error' ORDER BY ts DESC LIMIT 20
+CREATE VIEW logs AS
+SELECT e.id, e.ts, e.level, f.path, e.host, e.program, e.pid, e.message, e.fields, e.raw,
+       e.file_id, e.offset, e.part
+FROM entries AS e JOIN files AS f ON f.id = e.file_id;
+
+PRAGMA user_version = 2;

@@ -166,6 +166,8 @@ def wait_for(predicate, timeout_s, what, seen=None):
 
 
 def query(db, sql, params=()):
+    if not Path(db).exists():
+        return []       # the tailer has not created it yet
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
     try:
         return conn.execute(sql, params).fetchall()
@@ -886,6 +888,438 @@ def test_rescan_finds_changes_that_give_no_event(tailer, logdir, db, tmp_path):
 ])
 def test_utf8_boundary(data, cut, expected):
     assert lt.utf8_boundary(data, cut) == expected
+
+
+
+# Entries from lines: the builder (pure) and the tailer ########################
+
+def full(row):
+    """A row of either shape as the 12 values it stores, None for NULL."""
+    if len(row) == 3:
+        return (row[0], row[1], None, None, None, None, None, None, row[2], None, 1, None)
+    fid, offset, ts, host, program, pid, level, fields, raw, msg, msg_at, part = row
+    return (fid, offset, ts or None, host or None, program or None, None if pid == -1 else pid,
+            level or None, fields or None, raw, msg or None, msg_at, part or None)
+
+
+class Builder(lt.EntryBuilder):
+    """The builder with its rows seen as full rows."""
+
+    def feed(self, data, offset, mtime=None):
+        return [full(row) for row in super().feed(data, offset, mtime)]
+
+    def flush(self):
+        return [full(row) for row in super().flush()]
+
+
+def build(data: bytes, *, format="plain", offset=0, multiline_start=None, max_entry_bytes=1 << 20,
+          max_entry_lines=500, stamps=None):
+    options = lt.ParseOptions(format, None, multiline_start and re.compile(multiline_start),
+                              max_entry_bytes, max_entry_lines)
+    builder = Builder(1, options, stamps or Stamps())
+    return builder, builder.feed(data, offset)
+
+
+TRACE = (b"2026-11-24 13:59:20,456 ERROR app.web: request failed\n"
+         b"Traceback (most recent call last):\n"
+         b'  File "/srv/app/web.py", line 42, in handle\n'
+         b"    return view(request)\n"
+         b"ZeroDivisionError: division by zero\n")
+JAVA = (b"2026-11-24 13:59:21.000 [main] ERROR com.example.App - boom\n"
+        b"java.lang.IllegalStateException: boom\n"
+        b"\tat com.example.App.run(App.java:10)\n"
+        b"\tat com.example.App.main(App.java:5)\n"
+        b"Caused by: java.io.IOException: disk\n"
+        b"\tat com.example.Disk.write(Disk.java:7)\n"
+        b"\t... 2 more\n")
+
+
+def test_builder_plain_lines_offsets_and_message_stored_once():
+    _, rows = build("one\nd\u00e9j\u00e0\ntwo\n".encode(), offset=100)
+    assert [(r[1], r[8], r[9], r[10]) for r in rows] == [
+        (100, "one", None, 1), (104, "d\u00e9j\u00e0", None, 1), (111, "two", None, 1)]
+
+
+def test_builder_crlf_invalid_utf8_and_nul_keep_exact_bytes():
+    _, rows = build(b"crlf\r\nbad \xff\xfe\nnul\x00byte\n")
+    assert [(r[1], r[8], r[9]) for r in rows] == [
+        (0, "crlf", None),
+        (6, b"bad \xff\xfe", "bad \ufffd\ufffd"),
+        (13, b"nul\x00byte", "nul\x00byte")]
+
+
+def test_builder_groups_a_python_traceback_and_holds_the_last_entry(stamps):
+    builder, rows = build(TRACE + b"2026-11-24 13:59:21,000 INFO app.web: next\n",
+                          format="app", stamps=stamps)
+    [row] = rows
+    assert row[1:8] == (0, "2026-11-24 13:59:20.456000", None, "app.web", None, "error", None)
+    assert row[8] == TRACE[:-1].decode()
+    assert row[8][row[10] - 1:] == "request failed\n" + TRACE.split(b"\n", 1)[1][:-1].decode()
+    assert builder.held_offset(len(TRACE) + 44) == len(TRACE)
+    [held] = builder.flush()
+    assert held[8] == "2026-11-24 13:59:21,000 INFO app.web: next"
+    assert builder.flush() == []
+
+
+def test_builder_joins_continuation_lines_across_chunks(stamps):
+    builder, rows = build(JAVA[:100], format="app", stamps=stamps)
+    cut = JAVA.index(b"\n", 100) + 1
+    builder, rows = build(JAVA[:cut], format="app", stamps=stamps)
+    assert rows == []
+    assert builder.feed(JAVA[cut:], cut) == []
+    [row] = builder.flush()
+    assert row[8] == JAVA[:-1].decode() and row[6] == "error" and row[3] is None
+
+
+def test_builder_caps_an_entry_and_goes_on_as_a_new_one(stamps):
+    builder, rows = build(JAVA, format="app", max_entry_lines=3, stamps=stamps)
+    rows += builder.flush()
+    assert [r[8].count("\n") + 1 for r in rows] == [3, 3, 1]
+    assert "\n".join(r[8] for r in rows) == JAVA[:-1].decode()
+    assert [r[6] for r in rows] == ["error", None, None]
+
+
+def test_builder_multiline_start_overrides_the_rule():
+    data = b"BEGIN one\n more\nBEGIN two\n more\n"
+    builder, rows = build(data, format="plain", multiline_start=r"BEGIN ")
+    rows += builder.flush()
+    assert [r[8] for r in rows] == ["BEGIN one\n more", "BEGIN two\n more"]
+    assert [r[1] for r in rows] == [0, 16]
+
+
+def test_builder_detects_the_format_from_the_first_lines(stamps):
+    builder, rows = build(b'{"level": "info", "msg": "hi"}\nnot json\n', format="auto",
+                          stamps=stamps)
+    assert builder.format == "json"
+    assert [(r[6], r[8], r[9]) for r in rows] == [
+        ("info", '{"level": "info", "msg": "hi"}', "hi"), (None, "not json", None)]
+
+
+def test_stack_trace_is_one_entry_held_until_quiet(tailer, logdir, db):
+    tailer()
+    with open(logdir / "app.log", "ab", buffering=0) as file:
+        file.write(TRACE)
+        written = time.monotonic()
+        wait_for(lambda: len(raws(db)) == 1, 10, "the held entry after a quiet second",
+                 lambda: raws(db))
+        assert time.monotonic() - written >= 0.5     # held while its writer might go on
+        file.write(JAVA + b"2026-11-24 13:59:22,000 INFO app.web: after\n")
+        wait_for(lambda: len(raws(db)) == 2, 10, "the Java trace when the next entry begins",
+                 lambda: raws(db))
+    assert raws(db) == [TRACE[:-1], JAVA[:-1]]
+    assert query(db, "SELECT level, program, message FROM entries WHERE id = 2") == [
+        ("error", "com.example.App", JAVA[JAVA.index(b"boom"):-1].decode())]
+
+
+def test_closing_writer_completes_the_held_entry(tailer, logdir, db):
+    tailer()
+    started = time.monotonic()
+    append(logdir / "app.log", TRACE)       # open, write, close: IN_CLOSE_WRITE
+    wait_for(lambda: raws(db) == [TRACE[:-1]], 10, "the entry", lambda: raws(db))
+    assert time.monotonic() - started < 0.9     # not the quiet second
+
+
+def test_kill_9_while_an_entry_is_held_loses_and_doubles_nothing(binding, tailer, logdir, db):
+    daemon = tailer()
+    with open(logdir / "app.log", "ab", buffering=0) as file:
+        file.write(TRACE + JAVA[:JAVA.index(b"Caused")])
+        wait_for(lambda: len(raws(db)) == 1, 10, "the first entry", lambda: raws(db))
+        daemon.kill()
+        file.write(JAVA[JAVA.index(b"Caused"):])
+    result = run_once(logdir, db, command=binding)
+    assert result.returncode == 0, result.stderr
+    assert raws(db) == [TRACE[:-1], JAVA[:-1]]
+
+
+def test_line_that_does_not_fit_is_stored_plain(logdir, db):
+    (logdir / "app.json").write_bytes(b'{"level": "error", "msg": "one"}\noops, not json\n'
+                                      b'{"level": "info", "msg": "two", "user": 7}\n')
+    assert run_once(logdir, db).returncode == 0
+    assert query(db, "SELECT level, message, fields FROM entries ORDER BY id") == [
+        ("error", "one", None), (None, "oops, not json", None), ("info", "two", '{"user":7}')]
+    assert query(db, "SELECT format FROM files") == [("json",)]
+
+
+def test_format_is_decided_again_when_a_new_file_takes_the_name(tailer, logdir, db):
+    tailer()
+    append(logdir / "app.log", b"Nov 24 13:59:19 web-01 app[1]: started\n")
+    wait_for(lambda: len(raws(db)) == 1, 10, "the syslog line", lambda: raws(db))
+    os.rename(logdir / "app.log", logdir / "app.log.1")
+    append(logdir / "app.log", b'{"level": "warn", "msg": "json now"}\n')
+    wait_for(lambda: len(raws(db)) == 2, 10, "the JSON line", lambda: raws(db))
+    assert query(db, "SELECT f.format, e.level, e.message FROM entries e "
+                     "JOIN files f ON f.id = e.file_id ORDER BY e.id") == [
+        ("syslog", None, "started"), ("json", "warning", "json now")]
+
+
+def test_non_utf8_and_nul_lines_keep_their_bytes_and_get_a_readable_message(logdir, db):
+    (logdir / "bin.log").write_bytes(b"caf\xe9 au lait\nnul\x00inside\nplain\n")
+    assert run_once("--format", "plain", logdir, db).returncode == 0
+    assert raws(db) == [b"caf\xe9 au lait", b"nul\x00inside", b"plain"]
+    assert query(db, "SELECT message, typeof(raw) FROM entries ORDER BY id") == [
+        ("caf\ufffd au lait", "blob"), ("nul\x00inside", "blob"), ("plain", "text")]
+
+
+def test_syslog_year_from_mtime_and_local_time_zone(logdir, db):
+    log = logdir / "syslog"
+    log.write_bytes(b"Dec 31 23:59:59 web-01 cron[9]: last of the year\n"
+                    b"Jan  1 00:00:01 web-01 cron[9]: first of the next\n")
+    mtime = calendar.timegm((2027, 1, 1, 12, 0, 0))
+    os.utime(log, (mtime, mtime))
+    result = subprocess.run([sys.executable, TOOL, "--once", str(logdir), str(db)],
+                            capture_output=True, env={**os.environ, "TZ": "Europe/Berlin"})
+    assert result.returncode == 0, result.stderr
+    assert query(db, "SELECT ts FROM entries ORDER BY id") == [
+        ("2026-12-31 22:59:59",), ("2026-12-31 23:00:01",)]
+    assert query(db, "SELECT count(*) FROM entries WHERE ts >= datetime('2026-12-31 23:00')") \
+        == [(1,)]
+
+
+def test_pattern_fills_columns_and_fields(logdir, db):
+    (logdir / "custom.log").write_bytes(b"2026-11-24T13:59:19Z|web-01|WARN|disk|92% full\n")
+    result = run_once("--pattern", r"(?P<ts>[^|]+)\|(?P<host>[^|]+)\|(?P<level>[^|]+)\|"
+                      r"(?P<subsystem>[^|]+)\|(?P<message>.*)", logdir, db)
+    assert result.returncode == 0, result.stderr
+    assert query(db, "SELECT ts, host, level, fields, message FROM entries") == [
+        ("2026-11-24 13:59:19", "web-01", "warning", '{"subsystem":"disk"}', "92% full")]
+    assert query(db, "SELECT format FROM files") == [("pattern",)]
+
+
+def test_bad_pattern_is_a_usage_error(logdir, db):
+    result = run_once("--pattern", "(unclosed", logdir, db)
+    assert result.returncode == 2
+    assert b"not a valid regular expression" in result.stderr
+
+
+
+# Everyday use: the logs view, full-text search, retention, stats, progress ####
+
+APP_LOG = (b"2026-11-24 13:59:19,123 INFO app.db: connected to the database\n"
+           b"2026-11-24 13:59:20,456 ERROR app.web: request timeout after 30 s\n"
+           b"2026-11-24 13:59:21,000 WARNING app.web: slow request\n")
+
+
+def test_logs_view_answers_the_first_query(logdir, db):
+    (logdir / "app.log").write_bytes(APP_LOG)
+    assert run_once(logdir, db).returncode == 0
+    assert query(db, "SELECT ts, level, path, message FROM logs WHERE level = 'error' "
+                     "ORDER BY ts DESC LIMIT 20") == [
+        ("2026-11-24 13:59:20.456000", "error", str(logdir / "app.log"),
+         "request timeout after 30 s")]
+
+
+def test_full_text_search_stays_in_step_with_entries(logdir, db):
+    (logdir / "app.log").write_bytes(APP_LOG)
+    assert run_once(logdir, db).returncode == 0
+    assert query(db, "SELECT count(*) FROM sqlite_master WHERE name LIKE 'entries_fts%'") \
+        == [(0,)]       # no --fts: no index, no cost
+    assert run_once("--fts", logdir, db).returncode == 0     # built from what is stored
+    append(logdir / "app.log", b"2026-11-24 14:00:00,000 ERROR app.db: connection timeout\n")
+    assert run_once("--fts", logdir, db).returncode == 0     # kept in step by triggers
+    match = ("SELECT path, message FROM logs WHERE id IN "
+             "(SELECT rowid FROM entries_fts WHERE entries_fts MATCH ?) ORDER BY id")
+    assert query(db, match, ("timeout",)) == [
+        (str(logdir / "app.log"), "request timeout after 30 s"),
+        (str(logdir / "app.log"), "connection timeout")]
+    conn = sqlite3.connect(db)
+    conn.execute("DELETE FROM entries WHERE message LIKE 'request%'")
+    conn.commit()
+    conn.execute("INSERT INTO entries_fts (entries_fts) VALUES ('integrity-check')")  # or raises
+    conn.close()
+    assert query(db, match, ("timeout",)) == [(str(logdir / "app.log"), "connection timeout")]
+
+
+def test_fts5_missing_is_a_clear_error():
+    class NoFts5:
+        def execute(self, sql, *args):
+            if "fts5" in sql:
+                raise sqlite3.OperationalError("no such module: fts5")
+            return sqlite3.connect(":memory:").execute("SELECT 1 WHERE 0")   # no rows
+
+    store = lt.Store(NoFts5(), -1)
+    with pytest.raises(lt.Fatal, match="--fts needs SQLite's FTS5 module"):
+        store.enable_fts()
+
+
+def test_keep_deletes_old_entries_and_keeps_offsets(tailer, logdir, db):
+    log = logdir / "app.log"
+    log.write_bytes(b"2020-01-01T00:00:00Z INFO old one\n"
+                    b"2099-01-01T00:00:00Z INFO from the future\n"
+                    b"2020-01-02T00:00:00Z INFO old two\n")
+    (logdir / "plain.txt").write_bytes(b"no time here\n")
+    assert run_once(logdir, db).returncode == 0
+    assert len(raws(db)) == 4
+    tailer("--keep", "30d")
+    wait_for(lambda: len(raws(db)) == 2, 10, "the old entries deleted", lambda: raws(db))
+    assert sorted(raws(db)) == [b"2099-01-01T00:00:00Z INFO from the future", b"no time here"]
+    assert sorted(query(db, "SELECT offset FROM files")) == [(13,), (log.stat().st_size,)]
+    append(log, b"2099-01-02T00:00:00Z INFO newer\n")
+    wait_for(lambda: len(raws(db)) == 3, 10, "only the new line", lambda: raws(db))
+
+
+def test_keep_ages_entries_without_time_by_when_they_were_stored(logdir, db):
+    (logdir / "plain.txt").write_bytes(b"stored long ago\n")
+    assert run_once(logdir, db).returncode == 0
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE ingested SET at = '2001-01-01 00:00:00'")   # as if stored then
+    conn.commit()
+    conn.close()
+    append(logdir / "plain.txt", b"stored now\n")
+    assert run_once("--keep", "1d", logdir, db).returncode == 0
+    assert raws(db) == [b"stored now"]
+
+
+def test_stats_shows_files_levels_and_lag_and_never_writes(logdir, db):
+    (logdir / "app.log").write_bytes(APP_LOG)
+    assert run_once(logdir, db).returncode == 0
+    before = sorted(p.name for p in db.parent.iterdir()), db.read_bytes()
+    append(logdir / "app.log", b"x" * 500)          # unread: a lag of 500 bytes
+    result = subprocess.run([sys.executable, TOOL, "--stats", str(db)], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    assert str(logdir / "app.log") in result.stdout
+    assert "500 B" in result.stdout
+    assert "by level: error 1, info 1, warning 1" in result.stdout
+    assert "newest: 2026-11-24 13:59:21.000000 UTC" in result.stdout
+    result = subprocess.run([sys.executable, TOOL, "--stats", "--max-lag", "100", str(db)],
+                            capture_output=True, text=True)
+    assert result.returncode == 3
+    assert "lags by 500 bytes" in result.stderr
+    assert (sorted(p.name for p in db.parent.iterdir()), db.read_bytes()) == before
+
+
+@pytest.mark.parametrize("args", [["--stats"], ["--max-lag", "5", "logs", "x.db"],
+                                  ["--stats", "logs", "x.db"]])
+def test_stats_usage_errors(args):
+    result = subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True)
+    assert result.returncode == 2 and "usage:" in result.stderr
+
+
+def test_once_ends_with_a_summary_line(logdir, db):
+    (logdir / "app.log").write_bytes(APP_LOG)
+    result = run_once(logdir, db)
+    assert result.returncode == 0
+    assert re.search(rb"info: done: 1 files, 3 entries, %d B in [0-9.]+ s\n$" % len(APP_LOG),
+                     result.stderr)
+
+
+def test_progress_on_a_terminal_only(logdir, db, tmp_path):
+    import pty
+    (logdir / "big.log").write_bytes(numbered(0, 2000000))
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, TOOL, "--once", str(logdir), str(db)],
+                            stderr=slave, stdout=subprocess.DEVNULL)
+    os.close(slave)
+    try:
+        wait_for(lambda: len(query(db, "SELECT id FROM entries LIMIT 1")) == 1, 20,
+                 "the catch-up under way")
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(2.2)     # a catch-up that has lasted over 2 s is the point of this test
+        proc.send_signal(signal.SIGCONT)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:     # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(master)
+    assert proc.wait(60) == 0
+    assert b"\rcatching up: " in seen and b"entries/s, ETA " in seen, seen
+    assert b"done: 1 files, 2,000,000 entries" in seen
+    (tmp_path / "db2").mkdir()
+    result = run_once(logdir, tmp_path / "db2" / "app.db")     # stderr is a pipe
+    assert result.returncode == 0 and b"catching up" not in result.stderr
+
+
+V1_SCHEMA = r"""-- logtail2db schema, version 1 (kept in PRAGMA user_version).
+-- Applied when the database is new; logtail2db.py carries the same text.
+
+-- One row per file identity: (dev, ino) guarded by the file's first bytes.
+CREATE TABLE files (
+    id          INTEGER PRIMARY KEY,
+    path        TEXT NOT NULL,      -- absolute path it was last seen under; bytes that are
+                                    -- not UTF-8 appear as \xNN (see path_bytes)
+    path_bytes  BLOB,               -- the exact path when it is not valid UTF-8, else NULL
+    dev         INTEGER,
+    ino         INTEGER,
+    offset      INTEGER NOT NULL,   -- every byte before it is stored in entries
+    fingerprint BLOB NOT NULL,      -- the file's first bytes (up to 1024) as stored
+    resume_hash BLOB,               -- hash of the bytes just before offset, checked on resume
+    part        INTEGER,            -- offset is inside an over-long line: its next piece
+    format      TEXT,               -- how its lines are parsed (plain, syslog, json, ...)
+    first_seen  TEXT NOT NULL,      -- UTC, 'YYYY-MM-DD HH:MM:SS'
+    updated     TEXT NOT NULL,      -- when offset last moved
+    gone        TEXT                -- when it was found deleted or moved away; never resumed
+);
+CREATE INDEX files_identity ON files(ino, dev);
+
+-- One row per log entry: a line, or a multi-line entry such as a stack trace.
+CREATE TABLE entries (
+    id       INTEGER PRIMARY KEY,
+    file_id  INTEGER NOT NULL REFERENCES files(id),
+    offset   INTEGER NOT NULL,      -- byte offset of the entry's first byte in its file
+    ts       TEXT,                  -- UTC 'YYYY-MM-DD HH:MM:SS[.ffffff]', NULL when unknown
+    host     TEXT,
+    program  TEXT,
+    pid      INTEGER,
+    level    TEXT,                  -- trace debug info notice warning error critical alert emergency
+    fields   TEXT,                  -- other parsed fields, a JSON object
+    raw      NOT NULL,              -- the entry without its final '\n' or '\r\n': TEXT, or a BLOB
+                                    -- when it is not valid UTF-8; CAST(raw AS BLOB) = its bytes
+    msg      TEXT,                  -- the message when it is not the tail of raw (else NULL)
+    msg_at   INTEGER NOT NULL DEFAULT 1,   -- where the message starts in raw (1-based)
+    part     INTEGER,               -- 1, 2, ... for pieces of an entry over --max-entry-bytes
+    message  TEXT NOT NULL GENERATED ALWAYS AS (coalesce(msg, substr(raw, msg_at))) VIRTUAL
+);
+
+-- Who is writing: the pid of the running tailer, for the refusal message.
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value
+);
+
+PRAGMA user_version = 1;
+"""
+
+
+def test_older_schema_is_migrated_in_one_transaction(logdir, db, tmp_path):
+    conn = sqlite3.connect(db)
+    conn.executescript(V1_SCHEMA)
+    conn.execute("INSERT INTO files (id, path, offset, fingerprint, first_seen, updated) "
+                 "VALUES (1, '/old/app.log', 4, x'', '2026-01-01', '2026-01-01')")
+    conn.execute("INSERT INTO entries (file_id, offset, raw) VALUES (1, 0, 'old')")
+    conn.commit()
+    conn.close()
+    (logdir / "app.log").write_bytes(b"new\n")
+    result = run_once(logdir, db)
+    assert result.returncode == 0, result.stderr
+    assert query(db, "PRAGMA user_version") == [(lt.SCHEMA_VERSION,)]
+    assert query(db, "SELECT path, message FROM logs ORDER BY id") == [
+        ("/old/app.log", "old"), (str(logdir / "app.log"), "new")]
+    fresh = tmp_path / "fresh.db"
+    assert run_once(logdir, fresh).returncode == 0
+    schema = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name"
+    assert query(db, schema) == query(fresh, schema)
+
+
+def test_failed_migration_leaves_the_database_as_it_was(logdir, db):
+    conn = sqlite3.connect(db)
+    conn.executescript(V1_SCHEMA)
+    conn.execute("CREATE TABLE logs (x)")       # in the way of the view that version 2 adds
+    conn.commit()
+    conn.close()
+    before = query(db, "SELECT name FROM sqlite_master ORDER BY name")
+    result = run_once(logdir, db)
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines()[-1] == (
+        f"logtail2db: error: {str(db)!r}: migrating schema 1 -> 2 failed, the database is left "
+        f"as it was: table logs already exists")
+    assert query(db, "PRAGMA user_version") == [(1,)]
+    assert query(db, "SELECT name FROM sqlite_master ORDER BY name") == before
 
 
 # Entry parsing: pure functions ###############################################
