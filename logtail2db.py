@@ -1420,6 +1420,7 @@ class Tailer:
         self.tracked = {}       # (dev, ino) -> Tracked: files followed, fd open or not
         self.names = {}         # name -> Tracked found under that name
         self.resumable = {}     # (dev, ino) -> StoredFile: known to the database, not yet found
+        self.by_path = {}       # (path, ino) -> (dev, ino) of resumable: for a changed st_dev
         self.dirty = {}         # name -> inotify mask gathered since the last round
         self.pending = {}       # Tracked -> None: more to read (an ordered set)
         self.touched = {}       # Tracked -> None: state to store in the next commit
@@ -1506,6 +1507,7 @@ class Tailer:
             path = row.path_bytes if row.path_bytes is not None else os.fsencode(row.path)
             if path.startswith(prefix) and b"/" not in path[len(prefix):]:
                 self.resumable[(row.dev, row.ino)] = row
+                self.by_path[(path, row.ino)] = (row.dev, row.ino)
 
     # -- the loop --------------------------------------------------------------
 
@@ -1764,6 +1766,14 @@ class Tailer:
         """Follow a file seen for the first time since the start: resume it or begin it."""
         key = (st.st_dev, st.st_ino)
         row = self.resumable.pop(key, None)
+        if row is None:
+            # Device numbers can change across a reboot (LVM, some network and virtual
+            # filesystems): the same inode under the same path, checked below, is the file.
+            old = self.by_path.get((os.path.join(self.directory, name), st.st_ino))
+            row = self.resumable.pop(old, None) if old is not None else None
+            if row is not None:
+                log.info("%s: its device number changed (%d -> %d); resuming it by inode and "
+                         "path", shown(name), row.dev, st.st_dev)
         t = Tracked(None, None, None, st.st_dev, st.st_ino, None, utc_now())
         self.opened(t, fd)
         if row is not None and self.resumes(row, fd, st.st_size):

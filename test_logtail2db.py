@@ -470,6 +470,22 @@ def test_restart_after_rotation_done_while_stopped(binding, logdir, db):
         (str(log),), (str(logdir / "app.log.1"),)]
 
 
+def test_changed_device_number_resumes_by_inode_and_path(logdir, db):
+    log = logdir / "app.log"
+    log.write_bytes(b"one\ntwo\n")
+    assert run_once(logdir, db).returncode == 0
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE files SET dev = dev + 1")     # as after a reboot that renumbered it
+    conn.commit()
+    conn.close()
+    append(log, b"three\n")
+    result = run_once(logdir, db)
+    assert result.returncode == 0, result.stderr
+    assert b"device number changed" in result.stderr
+    assert raws(db) == [b"one", b"two", b"three"]
+    assert query(db, "SELECT count(*), max(dev) FROM files") == [(1, log.stat().st_dev)]
+
+
 def test_kill_9_at_random_moments_loses_and_doubles_nothing(binding, logdir, db, tmp_path):
     """A large write, the tailer killed with SIGKILL at random moments and restarted."""
     rng = random.Random(4242)
