@@ -871,10 +871,12 @@ DEFAULT_PARSE = ParseOptions("plain", None, None, MAX_ENTRY_BYTES, 500)
 class EntryBuilder:
     """Turns one file's complete lines into entry rows; pure, no I/O.
 
-    A row is a tuple in column order, of one of two shapes (see Store.commit):
-    (file_id, offset, raw) for a line that is text and its own message, else
+    A row is a tuple in column order, of one of three shapes (see INSERT_ROW):
+    (file_id, offset, raw) for a line that is text and its own message;
+    (file_id, offset, ts, host, program, pid, raw, msg_at) for a header such as
+    syslog's, whose message is the tail of raw; else
     (file_id, offset, ts, host, program, pid, level, fields, raw, msg, msg_at, part)
-    where "", -1 and 0 stand for NULL (see INSERT_ENTRY).
+    where "", -1 and 0 stand for NULL.
     In a multi-line format the last entry is held back until the next entry begins
     or flush() is called, so that the offset committed (held_offset) never passes
     an entry that is not stored yet.
@@ -989,6 +991,9 @@ class EntryBuilder:
         if type(raw) is str and first.endswith(message):
             # message is raw from msg_at on (1-based): not stored twice.
             msg, msg_at = "", len(first) - len(message) + 1
+            if not (level or fields):
+                return (self.file_id, offset, ts or "", host or "", program or "",
+                        -1 if pid is None else pid, raw, msg_at)
         else:
             msg, msg_at = message, 1
             if len(lines) > 1:
@@ -1138,14 +1143,17 @@ PRAGMA user_version = 2;
 """,
 }
 
-# Rows come in two shapes (see EntryBuilder). Absent values are "", -1 and 0, made NULL
+# Rows come in three shapes (see EntryBuilder), by their length. Absent values are "", -1 and 0, made NULL
 # here: CPython's sqlite3 binds None through an adapter lookup, which made inserts twice as
 # slow (4.1 against 2.1 us a row, measured), while str and int are bound directly.
-INSERT_PLAIN = "INSERT INTO entries (file_id, offset, raw) VALUES (?, ?, ?)"
-INSERT_ENTRY = (
-    "INSERT INTO entries (file_id, offset, ts, host, program, pid, level, fields, raw, msg,"
-    " msg_at, part) VALUES (?, ?, nullif(?, ''), nullif(?, ''), nullif(?, ''), nullif(?, -1),"
-    " nullif(?, ''), nullif(?, ''), ?, nullif(?, ''), ?, nullif(?, 0))")
+INSERT_ROW = {
+    3: "INSERT INTO entries (file_id, offset, raw) VALUES (?, ?, ?)",
+    8: "INSERT INTO entries (file_id, offset, ts, host, program, pid, raw, msg_at)"
+       " VALUES (?, ?, nullif(?, ''), nullif(?, ''), nullif(?, ''), nullif(?, -1), ?, ?)",
+    12: "INSERT INTO entries (file_id, offset, ts, host, program, pid, level, fields, raw, msg,"
+        " msg_at, part) VALUES (?, ?, nullif(?, ''), nullif(?, ''), nullif(?, ''),"
+        " nullif(?, -1), nullif(?, ''), nullif(?, ''), ?, nullif(?, ''), ?, nullif(?, 0))",
+}
 UPSERT_FILE = (
     "INSERT INTO files (id, path, path_bytes, dev, ino, offset, fingerprint, resume_hash, part,"
     " format, first_seen, updated, gone) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -1316,31 +1324,49 @@ class Store:
     def max_file_id(self) -> int:
         return self.conn.execute("SELECT coalesce(max(id), 0) FROM files").fetchone()[0]
 
-    def commit(self, entries: list, files: list, gone: list = ()) -> None:
-        """Store entries and the files' new state in one transaction.
+    def add(self, entries: list) -> None:
+        """Insert entries into the open transaction, begun here if none is.
+
+        Entries go in as they are read, so memory holds one chunk's rows, not a
+        batch's; the transaction (and with it the entries) only counts once
+        commit() stores the offsets that cover them.
+        """
+        if not self.conn.in_transaction:
+            self.begin()
+        for size, rows in itertools.groupby(entries, len):     # runs of one shape, in order
+            self.conn.executemany(INSERT_ROW[size], rows)
+
+    def begin(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+        if self.marked_at is None or time.monotonic() - self.marked_at >= MARK_EVERY_S:
+            self.conn.execute(MARK_INGESTED, (utc_now(),))
+            self.marked_at = time.monotonic()
+
+    def commit(self, files: list, gone: list = ()) -> None:
+        """Store the files' new state with the entries added since begin(), atomically.
 
         Args:
-            entries: rows in INSERT_ENTRY column order.
-            files: rows in UPSERT_FILE column order: each file's offset, which
-                covers exactly the entries given (and those stored before).
+            files: rows in UPSERT_FILE column order: each file's offset covers
+                exactly the entries stored for it, in this transaction and before.
             gone: (time, file_id) of files found deleted.
         Raises:
-            sqlite3.Error with nothing stored (the transaction is rolled back).
+            sqlite3.Error, the transaction then rolled back: nothing of it is stored.
         """
-        now = time.monotonic()
-        mark = entries and (self.marked_at is None or now - self.marked_at >= MARK_EVERY_S)
-
-        def work():
-            if mark:
-                self.conn.execute(MARK_INGESTED, (utc_now(),))
-            for size, rows in itertools.groupby(entries, len):     # runs of one shape, in order
-                self.conn.executemany(INSERT_PLAIN if size == 3 else INSERT_ENTRY, rows)
+        try:
+            if not self.conn.in_transaction:
+                self.begin()
             self.conn.executemany(UPSERT_FILE, files)
             if gone:
                 self.conn.executemany(MARK_GONE, gone)
-        self.transaction(work)
-        if mark:
-            self.marked_at = now
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.rollback()
+            raise
+
+    def rollback(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+        self.marked_at = None   # the mark may have gone with the transaction
 
     def enable_fts(self) -> None:
         """--fts: create the full-text index (once), filled from the entries already stored."""
@@ -1424,7 +1450,7 @@ class Tailer:
         self.dirty = {}         # name -> inotify mask gathered since the last round
         self.pending = {}       # Tracked -> None: more to read (an ordered set)
         self.touched = {}       # Tracked -> None: state to store in the next commit
-        self.rows = []          # entries of the next commit
+        self.added = 0          # entries in the open transaction
         self.gone = []          # (time, id) of stored files found gone
         self.detached = {}      # Tracked -> None: no longer under any name, read until quiet
         self.holders = set()    # Tracked whose builder holds back a last entry
@@ -1435,6 +1461,7 @@ class Tailer:
         self.warned = set()     # (name, what): warnings given once
         self.next_id = store.max_file_id() + 1
         self.stopping = False
+        self.starting = True    # until the first scan is through: --from-end, gone files
         self.inotify_fd = None
         self.wd = None
         self.directory_missing = False
@@ -1514,11 +1541,7 @@ class Tailer:
     def run(self) -> None:
         """Catch up, then follow events until SIGTERM/SIGINT (or, with --once, until caught up)."""
         self.watch()
-        self.scan(startup=True)
-        for key, row in list(self.resumable.items()):
-            log.info("%s: gone while stopped; its unread bytes, if any, are lost", row.path)
-            self.gone.append((utc_now(), row.id))
-            del self.resumable[key]
+        self.guarded(self.scan)
         if not self.options.once:
             how = (f"polling every {self.poll_s:g} s" if self.poll_s is not None
                    else f"inotify via {binding_name()}")
@@ -1586,7 +1609,16 @@ class Tailer:
             self.retry_at = None
         if self.directory_missing and now >= self.rescan_at:
             self.find_directory()
-        if now >= self.rescan_at and not self.directory_missing:
+        self.guarded(self.round)
+        self.close_idle()
+        if self.prune_at is not None and time.monotonic() >= self.prune_at:
+            self.prune()
+        if self.progress:
+            self.show_progress(time.monotonic())
+
+    def round(self) -> None:
+        """Read what the events and deadlines call for, and store it in one transaction."""
+        if time.monotonic() >= self.rescan_at and not self.directory_missing:
             self.scan()
         dirty, self.dirty = self.dirty, {}
         closed = []
@@ -1601,11 +1633,6 @@ class Tailer:
         self.flush_quiet(time.monotonic())
         self.check_detached(time.monotonic())
         self.commit()
-        self.close_idle()
-        if self.prune_at is not None and time.monotonic() >= self.prune_at:
-            self.prune()
-        if self.progress:
-            self.show_progress(time.monotonic())
 
     def finish(self) -> None:
         """After SIGTERM or --once: read what was written, store it with held entries, stop."""
@@ -1614,23 +1641,26 @@ class Tailer:
             for event in get_events(self.inotify_fd):
                 self.dispatch(event)
         if self.retry_at is None:
-            dirty, self.dirty = self.dirty, {}
-            for name, mask in dirty.items():
-                self.refresh(name, mask)
-            for t in self.tracked.values():
-                if t.fd is not None:
-                    self.pending[t] = None
-            while self.pending and time.monotonic() < deadline:
-                self.read_pending()
-                self.commit()
-            for t in list(self.holders):
-                self.add_rows(t, t.builder.flush())
-            self.commit()
+            self.guarded(lambda: self.last_round(deadline))
         if self.retry_at is not None:
             log.warning("stopping with the database unavailable; what is not stored yet "
                         "will be read again on the next start")
         for t in self.tracked.values():
             self.close(t)
+
+    def last_round(self, deadline: float) -> None:
+        dirty, self.dirty = self.dirty, {}
+        for name, mask in dirty.items():
+            self.refresh(name, mask)
+        for t in self.tracked.values():
+            if t.fd is not None:
+                self.pending[t] = None
+        while self.pending and time.monotonic() < deadline:
+            self.read_pending()
+            self.commit()
+        for t in list(self.holders):
+            self.add_rows(t, t.builder.flush())
+        self.commit()
 
     # -- files -----------------------------------------------------------------
 
@@ -1643,8 +1673,9 @@ class Tailer:
             return False
         return not any(fnmatch.fnmatchcase(text, p) for p in self.options.exclude)
 
-    def scan(self, startup: bool = False) -> None:
+    def scan(self) -> None:
         """Look at every name in DIRECTORY: the start, an overflow, polling, reconciliation."""
+        startup = self.starting
         self.rescan_at = time.monotonic() + (self.poll_s or self.options.rescan)
         try:
             with os.scandir(self.directory) as entries:
@@ -1662,12 +1693,18 @@ class Tailer:
             if t is not None and t.ino == names[name]:
                 self.pending[t] = None      # cheap: read() stats it and returns if unchanged
                 continue
-            self.refresh(name, NAME_CHANGES, startup=startup)
+            self.refresh(name, NAME_CHANGES)
             if self.open_count >= self.max_open:
                 self.commit()       # new files are stored, so they may be closed
                 self.close_idle()
+        if startup:
+            self.starting = False
+            for key, row in list(self.resumable.items()):
+                log.info("%s: gone while stopped; its unread bytes, if any, are lost", row.path)
+                self.gone.append((utc_now(), row.id))
+                del self.resumable[key]
 
-    def refresh(self, name: bytes, mask: int, startup: bool = False) -> None:
+    def refresh(self, name: bytes, mask: int) -> None:
         """Bring one name up to date after events on it; queue its file for reading."""
         t = self.names.get(name)
         if t is not None and not mask & NAME_CHANGES:
@@ -1705,7 +1742,7 @@ class Tailer:
         if t is not None and t is not current:
             self.lose_name(name)
         if current is None:
-            current = self.track(name, fd, st, startup)
+            current = self.track(name, fd, st)
         elif current.fd is None:
             self.opened(current, fd)    # it was closed as idle; read() checks its first bytes
         else:
@@ -1762,7 +1799,7 @@ class Tailer:
             self.detached[t] = None
             self.pending[t] = None
 
-    def track(self, name: bytes, fd: int, st, startup: bool) -> Tracked:
+    def track(self, name: bytes, fd: int, st) -> Tracked:
         """Follow a file seen for the first time since the start: resume it or begin it."""
         key = (st.st_dev, st.st_ino)
         row = self.resumable.pop(key, None)
@@ -1791,7 +1828,7 @@ class Tailer:
                 self.gone.append((utc_now(), row.id))
             t.id = self.next_id
             self.next_id += 1
-            if startup and self.options.from_end:
+            if self.starting and self.options.from_end:
                 t.offset = last_line_end(fd, st.st_size)
         t.pos = t.offset
         t.size = st.st_size
@@ -1917,7 +1954,8 @@ class Tailer:
 
     def add_rows(self, t: Tracked, rows: list) -> None:
         if rows:
-            self.rows.extend(rows)
+            self.store.add(rows)
+            self.added += len(rows)
             self.touched[t] = None
         if t.builder.held is not None:
             self.holders.add(t)
@@ -2058,36 +2096,42 @@ class Tailer:
                 t.builder.part, t.builder.format, t.first_seen, now, None)
 
     def commit(self) -> None:
-        """Store the batch with the files' new offsets; on a fault, rewind and retry later."""
-        if not (self.rows or self.touched or self.gone):
+        """Store the open transaction with the files' new offsets."""
+        if not (self.added or self.touched or self.gone):
             return
         touched = list(self.touched)
         files = [self.file_row(t, utc_now()) for t in touched]
+        self.store.commit(files, self.gone)
+        if self.retry_s != RETRY_MIN_S:
+            log.warning("database writable again; storing resumed")
+            self.retry_s = RETRY_MIN_S
+        self.stats["entries"] += self.added
+        log.debug("stored %d entries and the offsets of %d files", self.added, len(files))
+        for t, row in zip(touched, files):
+            t.offset, t.fingerprint, t.check, t.part, t.format = row[5:10]
+        self.added = 0
+        self.touched = {}
+        self.gone = []
+
+    def guarded(self, step) -> None:
+        """Run a step that stores; a fault that passes (disk full, locked) rolls back,
+        rewinds every file to its committed offset and retries with back-off."""
         try:
-            self.store.commit(self.rows, files, self.gone)
+            step()
         except sqlite3.Error as exc:
             if not is_transient(exc):
                 raise
-            self.rows = []
-            for t in touched:
+            self.store.rollback()
+            self.added = 0
+            for t in self.touched:      # stays touched: new files still need their row
                 t.pos = t.offset
                 t.builder = self.new_builder(t)
                 self.pending[t] = None
             if self.retry_s == RETRY_MIN_S:
                 log.error("cannot store entries: %s; retrying until it works", exc)
+            self.rescan_at = 0.0    # the step may have been a scan, cut short
             self.retry_at = time.monotonic() + self.retry_s
             self.retry_s = min(self.retry_s * 2, RETRY_MAX_S)
-            return
-        if self.retry_s != RETRY_MIN_S:
-            log.warning("database writable again; storing resumed")
-            self.retry_s = RETRY_MIN_S
-        self.stats["entries"] += len(self.rows)
-        log.debug("stored %d entries and the offsets of %d files", len(self.rows), len(files))
-        for t, row in zip(touched, files):
-            t.offset, t.fingerprint, t.check, t.part, t.format = row[5:10]
-        self.rows = []
-        self.touched = {}
-        self.gone = []
 
 
 def human_bytes(size: float) -> str:
