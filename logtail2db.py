@@ -23,6 +23,7 @@ import collections
 import errno
 import fcntl
 import fnmatch
+import array
 import hashlib
 import itertools
 import json
@@ -31,7 +32,9 @@ import os
 import re
 import resource
 import select
+import marshal
 import signal
+import socket
 import sqlite3
 import stat
 import struct
@@ -74,6 +77,8 @@ PRUNE_SPAN = 5000               # ...deleting among this many ids per transactio
 PRUNE_PAUSE_S = 0.05            # ...with this pause between, so ingestion never waits
 PROGRESS_AFTER_S = 2.0          # a catch-up longer than this shows progress on a terminal
 PROGRESS_EVERY_S = 0.25
+BULK_BYTES = 4 << 20            # a backlog this big is parsed by the worker, on the other core
+WORKER_BUFFER = 4 << 20         # socket buffer: the worker parses ahead while rows are inserted
 DEFAULT_EXCLUDES = ("*.gz", "*.bz2", "*.xz", "*.zst", "*.zip", "*.lz4", "*.Z")
 DB_SUFFIXES = (b"", b"-wal", b"-shm", b"-journal")
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -563,6 +568,12 @@ def read_pri(line: str) -> tuple[str, str, int] | None:
     return None if names is None else (*names, end)
 
 
+# The usual shape of a syslog file's line, on the hot path of a catch-up; parse_syslog()
+# reads it exactly as its general code below would (a test holds the two to it).
+SYSLOG_RE = re.compile(rf"(?:{MONTH_NAMES}) [ 0-9][0-9] [0-9]{{2}}:[0-9]{{2}}:[0-5][0-9] "
+                       r"([^ ]+) ([^ \[\]:]+)(?:\[([0-9]{1,9})\])?: ")
+
+
 def parse_syslog(line: str, stamps: Stamps) -> Parsed | None:
     """RFC 3164 as rsyslog and syslog-ng write files: 'Nov 24 13:59:19 host prog[pid]: msg'.
 
@@ -570,6 +581,18 @@ def parse_syslog(line: str, stamps: Stamps) -> Parsed | None:
     facility), and whole RFC 5424 lines. No 'tag:' after the host: program None and the message
     is the rest ("last message repeated 3 times").
     """
+    match = SYSLOG_RE.match(line)
+    if match is not None:
+        head = stamps.bsd_minutes.get(line[:12])
+        ts = head + line[12:15] if head is not None else stamps.bsd(line[:15])
+        if ts is not None:
+            host, program, pid = match.groups()
+            return ts, host, program, pid and int(pid), None, None, line[match.end():]
+    return _parse_syslog(line, stamps)
+
+
+def _parse_syslog(line: str, stamps: Stamps) -> Parsed | None:
+    """parse_syslog() for every shape."""
     level = fields = None
     start = 0
     if line[:1] == "<":
@@ -918,7 +941,7 @@ class EntryBuilder:
             data, offset = data[cut:], offset + cut
         if not data:
             return rows
-        lines, sizes, text = _split_lines(data)
+        lines, sizes, all_text = _split_lines(data)
         if self.format is None:
             self.set_format(detect_format([_readable(line) for line in lines[:100]],
                                           self.stamps))
@@ -930,14 +953,27 @@ class EntryBuilder:
         held = self.held
         if sizes is None:
             sizes = [len(line) + 1 for line in lines]
-        if parse is None and text and not self.multiline and max(sizes) <= max_bytes:
+        fits = all_text and start_re is None and max(sizes) <= max_bytes
+        if parse is None and fits and not self.multiline:
             # Plain text lines, the bulk of many logs: rows made without a Python loop.
             rows.extend(zip(itertools.repeat(self.file_id),
                             itertools.accumulate(sizes[:-1], initial=offset), lines))
             return rows
-        for line, size in zip(lines, sizes):
-            text = line if type(line) is str else _readable(line)
-            parsed = parse(text, stamps) if parse is not None else None
+        texts = lines if all_text else [_readable(line) for line in lines]
+        heads = ([parse(line, stamps) for line in texts] if parse is not None
+                 else [None] * len(lines))
+        if fits and all(heads):
+            # Every line begins an entry (most chunks of most logs): one row a line, and
+            # in a multi-line format the last one held, as the next chunk may continue it.
+            if held is not None:
+                rows.append(self._row(*held))
+            offsets = list(itertools.accumulate(sizes, initial=offset))
+            last = len(lines) - 1 if self.multiline else len(lines)
+            rows.extend(map(self._header_row, offsets[:last], lines[:last], heads[:last]))
+            self.held = ([offsets[last], heads[last], [lines[last]], sizes[last]]
+                         if self.multiline else None)
+            return rows
+        for line, text, size, parsed in zip(lines, texts, sizes, heads):
             if held is not None and self.multiline and (
                     not start_re.match(text) if start_re is not None else parsed is None):
                 if held[3] + size <= max_bytes and len(held[2]) < max_lines:
@@ -973,6 +1009,14 @@ class EntryBuilder:
         row = self._row(*self.held)
         self.held = None
         return [row]
+
+    def _header_row(self, offset, line, parsed):
+        """_row() of a one-line entry that parsed, made short for the usual case."""
+        ts, host, program, pid, level, fields, message = parsed
+        if not (level or fields) and line.endswith(message):
+            return (self.file_id, offset, ts or "", host or "", program or "",
+                    -1 if pid is None else pid, line, len(line) - len(message) + 1)
+        return self._row(offset, parsed, [line], 0)
 
     def _row(self, offset, parsed, lines, size):
         if len(lines) == 1:
@@ -1406,12 +1450,155 @@ class Store:
 
 # Event loop ###################################################################
 
+class WorkerLost(Exception):
+    """The parse worker died; what it parsed in this round is read again in-process."""
+
+
+class ParseWorker:
+    """A child process that parses a big backlog while this one inserts, so that a catch-up
+    uses both cores; one per tailer, started when the first big backlog is seen.
+
+    A run covers one file's backlog: the request carries the file's fd (SCM_RIGHTS), the
+    range and its builder's state; the worker reads and parses it a chunk at a time and
+    answers each chunk with its rows and the builder's state after it, so that this side
+    always knows where an entry is held. Messages are marshal frames on a socketpair; its
+    buffers let the worker parse ahead while rows are inserted, across commits.
+    """
+
+    def __init__(self, options: ParseOptions):
+        ours, theirs = socket.socketpair()
+        for sock in (ours, theirs):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WORKER_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, WORKER_BUFFER)
+        self.pid = os.fork()
+        if self.pid == 0:
+            ours.close()
+            _serve(theirs, options)     # never returns
+        theirs.close()
+        self.sock = ours
+        self.file = None        # the Tracked whose run is under way
+
+    def start(self, t, stop: int, mtime: float) -> None:
+        builder = t.builder
+        send_frame(self.sock, ("parse", t.id, builder.format, builder.part, builder.held,
+                               t.pos, stop, mtime), t.fd)
+        self.file = t
+
+    def next(self):
+        """The next chunk of the run, (rows, end), its state put into the file's builder;
+        None once the run is over."""
+        message = receive_frame(self.sock)
+        if message[0] == "done":
+            self.file = None
+            return None
+        _, rows, end, format, part, held = message
+        builder = self.file.builder
+        if format != builder.format:
+            builder.set_format(format)
+        builder.part, builder.held = part, held
+        return rows, end
+
+    def cancel(self) -> None:
+        """End the run: chunks parsed but not taken are dropped."""
+        if self.file is not None:
+            send_frame(self.sock, ("stop",))
+            while receive_frame(self.sock)[0] != "done":
+                pass
+            self.file = None
+
+    def close(self) -> None:
+        self.sock.close()       # the worker sees EOF and exits
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass    # already reaped
+
+
+def _serve(sock: socket.socket, options: ParseOptions) -> None:
+    """The worker's life: parse what is asked until the socket closes."""
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for signum in (signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)   # the tailer handles them, then closes us
+        # Keep no fd of the tailer's: not its lock on the database, not its log files.
+        os.closerange(3, sock.fileno())
+        os.closerange(sock.fileno() + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        stamps = Stamps()
+        while True:
+            try:
+                request, fd = receive_frame(sock, with_fd=True)
+            except WorkerLost:
+                os._exit(0)     # the tailer closed the socket: done
+            if request[0] == "stop":
+                continue        # the run it meant to stop had ended already
+            _, file_id, format, part, held, pos, stop, mtime = request
+            builder = EntryBuilder(file_id, options, stamps, format, part)
+            builder.held = held
+            try:
+                while pos < stop and not select.select([sock], [], [], 0)[0]:
+                    data, end, _ = read_complete(fd, pos, min(READ_CHUNK, stop - pos))
+                    if not data:
+                        break   # a line without its newline yet, or an over-long one
+                    rows = builder.feed(data, pos, mtime)
+                    send_frame(sock, ("rows", rows, end, builder.format, builder.part,
+                                      builder.held))
+                    pos = end
+            finally:
+                os.close(fd)
+            if pos < stop and select.select([sock], [], [], 0)[0]:
+                receive_frame(sock)     # the stop that ended the run early
+            send_frame(sock, ("done",))
+    except BaseException:
+        os._exit(1)     # the tailer sees the socket close and parses in-process
+    os._exit(0)
+
+
+_FRAME = struct.Struct("Q")
+
+
+def send_frame(sock: socket.socket, message, fd: int = None) -> None:
+    data = marshal.dumps(message)
+    header = _FRAME.pack(len(data))
+    if fd is None:
+        sock.sendall(header + data)
+    else:
+        sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+        sock.sendall(data)
+
+
+def receive_frame(sock: socket.socket, with_fd: bool = False):
+    fds = array.array("i")
+    if with_fd:
+        header, ancillary, _, _ = sock.recvmsg(_FRAME.size, socket.CMSG_SPACE(fds.itemsize))
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    else:
+        header = b""
+    header += _receive_exactly(sock, _FRAME.size - len(header))
+    message = marshal.loads(_receive_exactly(sock, _FRAME.unpack(header)[0]))
+    return (message, fds[0]) if with_fd else message
+
+
+def _receive_exactly(sock: socket.socket, size: int) -> bytearray:
+    data = bytearray(size)
+    view = memoryview(data)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise WorkerLost("the parse worker's socket closed")
+        got += n
+    return data
+
+
 class Tracked:
     """A file identity being followed: where it is, what is stored, what is read."""
 
     __slots__ = ("id", "name", "path", "path_bytes", "dev", "ino", "fd", "first_seen",
                  "offset", "fingerprint", "check", "part", "format", "pos", "builder", "size",
-                 "last_data", "last_used", "gone")
+                 "last_data", "gone")
 
     def __init__(self, id, name, path, dev, ino, fd, first_seen):
         self.id = id
@@ -1425,7 +1612,7 @@ class Tracked:
         self.pos = 0
         self.builder = None
         self.size = 0               # size at the last read
-        self.last_data = self.last_used = time.monotonic()
+        self.last_data = time.monotonic()
         self.gone = None            # when it was found deleted; the next commit records it
 
     def __repr__(self):
@@ -1455,9 +1642,11 @@ class Tailer:
         self.detached = {}      # Tracked -> None: no longer under any name, read until quiet
         self.holders = set()    # Tracked whose builder holds back a last entry
         self.link_watches = {}  # wd -> names: watches on symlink targets (--follow-symlinks)
-        self.open_count = 0     # tracked files with an open fd, at most max_open once idle
+        self.open = collections.OrderedDict()  # Tracked -> None with an open fd, least
+                                               # recently read first: max_open at most
         self.max_open = options.max_open_files
-        self.skip = set()       # (dev, ino) never read: the database's own files
+        self.skip = set()       # (dev, ino) never read: the database's own files...
+        self.skip_names = set() # ...and their names, when the database is in DIRECTORY
         self.warned = set()     # (name, what): warnings given once
         self.next_id = store.max_file_id() + 1
         self.stopping = False
@@ -1470,6 +1659,8 @@ class Tailer:
         self.retry_at = None
         self.retry_s = RETRY_MIN_S
         self.wake_r = self.wake_w = None
+        self.worker = None      # ParseWorker, started for the first big backlog
+        self.use_worker = options.cores > 1     # False too once it failed
         self.stats = collections.Counter()     # entries, bytes: for progress and the summary
         self.started = time.monotonic()
         self.keep_s = options.keep
@@ -1645,6 +1836,8 @@ class Tailer:
         if self.retry_at is not None:
             log.warning("stopping with the database unavailable; what is not stored yet "
                         "will be read again on the next start")
+        if self.worker is not None:
+            self.worker.close()
         for t in self.tracked.values():
             self.close(t)
 
@@ -1658,6 +1851,8 @@ class Tailer:
         while self.pending and time.monotonic() < deadline:
             self.read_pending()
             self.commit()
+        if self.worker is not None:
+            self.worker.cancel()    # the builders hold what was taken from it
         for t in list(self.holders):
             self.add_rows(t, t.builder.flush())
         self.commit()
@@ -1694,7 +1889,7 @@ class Tailer:
                 self.pending[t] = None      # cheap: read() stats it and returns if unchanged
                 continue
             self.refresh(name, NAME_CHANGES)
-            if self.open_count >= self.max_open:
+            if len(self.open) >= self.max_open:
                 self.commit()       # new files are stored, so they may be closed
                 self.close_idle()
         if startup:
@@ -1714,7 +1909,7 @@ class Tailer:
             return
         path = os.path.join(self.directory, name)
         try:
-            fd = open_file(path, self.options.follow_symlinks)
+            fd = self.open_path(path)
         except FileNotFoundError:
             if t is not None:
                 self.lose_name(name)
@@ -1852,26 +2047,44 @@ class Tailer:
         return EntryBuilder(t.id, self.parse_options, self.stamps, t.format, t.part)
 
     def opened(self, t: Tracked, fd: int) -> None:
+        if len(self.open) >= self.max_open:
+            self.close_idle()   # before t joins: it is about to be read
         t.fd = fd
-        self.open_count += 1
+        self.open[t] = None
 
     def close(self, t: Tracked) -> None:
         if t.fd is not None:
             os.close(t.fd)
             t.fd = None
-            self.open_count -= 1
+            del self.open[t]
 
-    def close_idle(self) -> None:
-        """Keep at most max_open files open: close the least recently read of those that
-        hold nothing unstored. They are reopened by name, and checked, when needed."""
-        if self.open_count <= self.max_open:
-            return
-        idle = [t for t in self.tracked.values()
-                if t.fd is not None and t.name is not None and t not in self.touched
-                and t not in self.holders]
-        idle.sort(key=lambda t: t.last_used)
-        for t in idle[:self.open_count - self.max_open * 3 // 4]:
-            self.close(t)
+    def close_idle(self, keep: int = None) -> None:
+        """Keep at most max_open files open: close the least recently read of those with
+        no state in the open transaction (a held entry is in memory, not in the file).
+        They are reopened by name, and checked, when needed."""
+        if keep is None:
+            if len(self.open) <= self.max_open:
+                return
+            keep = self.max_open * 3 // 4
+        for t in list(self.open):
+            if len(self.open) <= keep:
+                break
+            if t.name is not None and t not in self.touched:
+                self.close(t)
+
+    def open_path(self, path: bytes) -> int:
+        """open_file(), making room when the process is out of file descriptors."""
+        try:
+            return open_file(path, self.options.follow_symlinks)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            self.max_open = max(8, min(self.max_open, len(self.open) // 2))
+            self.warn_once(b"", "fds", logging.WARNING, "%sout of file descriptors (%s): "
+                           "keeping at most %d log files open", exc.strerror, self.max_open)
+            self.close_idle(keep=self.max_open // 2)
+            self.rescan_at = min(self.rescan_at, time.monotonic() + DIR_RETRY_S)
+            return open_file(path, self.options.follow_symlinks)
 
     def reopen(self, t: Tracked) -> bool:
         """Open a file closed as idle again, by its name, if that still leads to it."""
@@ -1879,7 +2092,7 @@ class Tailer:
         if name is None:
             return False
         try:
-            fd = open_file(os.path.join(self.directory, name), self.options.follow_symlinks)
+            fd = self.open_path(os.path.join(self.directory, name))
         except OSError:
             self.dirty[name] = NAME_CHANGES     # gone or changed: refresh() sorts it out
             return False
@@ -1896,7 +2109,7 @@ class Tailer:
         and no more files than may stay open until the commit."""
         budget = ROUND_BYTES
         for t in list(self.pending):
-            if budget <= 0 or len(self.touched) >= self.max_open:
+            if budget <= 0 or len(self.touched) >= self.max_open // 2:
                 return
             try:
                 done, used = self.read(t, budget)
@@ -1913,10 +2126,12 @@ class Tailer:
         if t.fd is None and not self.reopen(t):
             return True, 0
         st = os.fstat(t.fd)
-        t.last_used = time.monotonic()
+        self.open.move_to_end(t)
         head = os.pread(t.fd, len(t.fingerprint), 0) if t.fingerprint else b""
         verdict = classify(t.pos, t.fingerprint, st.st_size, head)
         if verdict in (TRUNCATED, REPLACED):
+            if self.worker is not None and self.worker.file is t:
+                self.worker.cancel()
             log.info("%s: %s; reading it again from the start", shown(t.name or t.path),
                      "truncated" if verdict == TRUNCATED else "rewritten")
             self.add_rows(t, t.builder.flush())
@@ -1929,6 +2144,13 @@ class Tailer:
             t.size = st.st_size
             return True, 0
         used = 0
+        bulk = self.worker is not None and self.worker.file is t
+        if bulk or (self.use_worker and st.st_size - t.pos >= BULK_BYTES
+                    and t.builder.part is None and t.builder.format != "plain"):
+            used = self.read_bulk(t, budget, st)
+            if self.worker is not None and self.worker.file is t:
+                self.stats["bytes"] += used
+                return False, used     # the run goes on in the next round
         window = max(READ_CHUNK, self.parse_options.max_entry_bytes)
         while used < budget and t.pos < st.st_size:
             data, end, rest = read_complete(t.fd, t.pos, window)
@@ -1952,6 +2174,33 @@ class Tailer:
         t.size = st.st_size
         return used < budget, used
 
+    def read_bulk(self, t: Tracked, budget: int, st) -> int:
+        """Take up to budget bytes of a big backlog from the parse worker; it parses on
+        while this process inserts. Returns the bytes taken (0: read it in-process)."""
+        worker = self.worker
+        if worker is None:
+            try:
+                worker = self.worker = ParseWorker(self.parse_options)
+            except OSError as exc:
+                log.warning("cannot start the parse worker (%s); parsing in-process", exc)
+                self.use_worker = False
+                return 0
+        if worker.file is None:
+            worker.start(t, st.st_size, st.st_mtime)
+        elif worker.file is not t:
+            return 0    # busy with another file
+        start = t.pos
+        while t.pos - start < budget:
+            chunk = worker.next()
+            if chunk is None:
+                break
+            rows, t.pos = chunk
+            self.add_rows(t, rows)
+        if t.pos > start:
+            t.last_data = time.monotonic()
+            self.touched[t] = None
+        return t.pos - start
+
     def add_rows(self, t: Tracked, rows: list) -> None:
         if rows:
             self.store.add(rows)
@@ -1965,7 +2214,7 @@ class Tailer:
     def flush_quiet(self, now: float) -> None:
         """A held entry whose file has been quiet for HOLD_S (or closed) is complete."""
         for t in list(self.holders):
-            if now - t.last_data >= HOLD_S:
+            if now - t.last_data >= HOLD_S and (self.worker is None or self.worker.file is not t):
                 self.add_rows(t, t.builder.flush())
 
     def check_detached(self, now: float) -> None:
@@ -2113,20 +2362,32 @@ class Tailer:
         self.touched = {}
         self.gone = []
 
+    def rewind(self) -> None:
+        """Roll back the open transaction: every file read in it goes back to its offset."""
+        if self.worker is not None:
+            self.worker.cancel()
+        self.store.rollback()
+        self.added = 0
+        for t in self.touched:      # stays touched: new files still need their row
+            t.pos = t.offset
+            t.builder = self.new_builder(t)
+            self.pending[t] = None
+
     def guarded(self, step) -> None:
         """Run a step that stores; a fault that passes (disk full, locked) rolls back,
         rewinds every file to its committed offset and retries with back-off."""
         try:
             step()
+        except WorkerLost as exc:
+            log.warning("%s; parsing in-process from now on", exc)
+            self.worker.file = None
+            self.worker.close()
+            self.worker, self.use_worker = None, False
+            self.rewind()
         except sqlite3.Error as exc:
             if not is_transient(exc):
                 raise
-            self.store.rollback()
-            self.added = 0
-            for t in self.touched:      # stays touched: new files still need their row
-                t.pos = t.offset
-                t.builder = self.new_builder(t)
-                self.pending[t] = None
+            self.rewind()
             if self.retry_s == RETRY_MIN_S:
                 log.error("cannot store entries: %s; retrying until it works", exc)
             self.rescan_at = 0.0    # the step may have been a scan, cut short
@@ -2218,6 +2479,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--poll", type=positive_float, metavar="SECONDS",
                      help="scan by stat() every SECONDS instead of using inotify (NFS and other "
                           "filesystems without events; chosen by itself when inotify fails)")
+    run.add_argument("--cores", type=int, choices=(1, 2), default=2,
+                     help="cores a catch-up may use: with 2, a helper process parses a big "
+                          "backlog while the tailer inserts")
     run.add_argument("--rescan", type=positive_float, default=RECONCILE_S, metavar="SECONDS",
                      help="with inotify, rescan DIRECTORY this often anyway, a backstop for "
                           "changes that give no event")

@@ -662,20 +662,45 @@ def test_100_mb_line_without_newline_keeps_memory_bounded(tailer, logdir, db):
 
 def test_thousands_of_files_with_a_bounded_number_open(tailer, logdir, db):
     count = 3000
-    for n in range(count):
-        (logdir / f"f{n:05d}.log").write_bytes(b"file %05d\n" % n)
+    for n in range(count):      # syslog: each file's last entry is held a while, fd or not
+        (logdir / f"f{n:05d}.log").write_bytes(b"Nov 24 13:59:19 web-01 app[%d]: file %05d\n"
+                                              % (n, n))
     daemon = tailer("--max-open-files", "64")
-    wait_for(lambda: len(raws(db)) == count, 60, "a line from every file",
-             lambda: len(raws(db)))
-    assert fd_count(daemon.proc.pid) <= 64 + 16
+    most = []
+
+    def stored(expected):
+        most.append(fd_count(daemon.proc.pid))
+        return len(raws(db)) == expected
+
+    wait_for(lambda: stored(count), 60, "a line from every file", lambda: len(raws(db)))
     picked = random.Random(7).sample(range(count), 200)
     for n in picked:
-        append(logdir / f"f{n:05d}.log", b"again %05d\n" % n)
-    wait_for(lambda: len(raws(db)) == count + 200, 30, "the appended lines",
-             lambda: len(raws(db)))
-    assert fd_count(daemon.proc.pid) <= 64 + 16
-    assert sorted(r for r in raws(db) if r.startswith(b"again")) == sorted(
+        append(logdir / f"f{n:05d}.log", b"Nov 24 14:00:00 web-01 app[1]: again %05d\n" % n)
+    wait_for(lambda: stored(count + 200), 30, "the appended lines", lambda: len(raws(db)))
+    assert max(most) <= 64 + 16
+    assert sorted(r[-11:] for r in raws(db) if b"again" in r) == sorted(
         b"again %05d" % n for n in picked)
+
+
+def test_a_small_fd_limit_is_lived_with(binding, logdir, db, tmp_path):
+    import resource
+    for n in range(600):
+        (logdir / f"f{n:04d}.log").write_bytes(b"Nov 24 13:59:19 web-01 app[1]: %04d\n" % n)
+
+    def limit_fds():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+
+    stderr_path = tmp_path / "stderr"
+    with open(stderr_path, "wb") as stderr:
+        proc = subprocess.Popen([*binding, str(logdir), str(db)], stderr=stderr,
+                                preexec_fn=limit_fds)
+    try:
+        wait_for(lambda: len(raws(db)) == 600, 60, "a line from every file",
+                 lambda: (len(raws(db)), stderr_path.read_text()[-500:]))
+        assert "Too many open files" not in stderr_path.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(5)
 
 
 def test_queue_overflow_while_stopped_rescans_and_stores_everything(tailer, logdir, db):
@@ -1106,6 +1131,104 @@ def test_bad_pattern_is_a_usage_error(logdir, db):
     assert result.returncode == 2
     assert b"not a valid regular expression" in result.stderr
 
+
+
+
+# A catch-up on two cores: the parse worker ##################################
+
+def syslog_backlog(lines: int, seed: int = 1) -> bytes:
+    """A syslog file with Python tracebacks among its lines: multi-line entries that
+    cross chunk boundaries, lines without pid, a few that are not syslog at all."""
+    rng = random.Random(seed)
+    out = []
+    for n in range(lines):
+        second = n // 50
+        stamp = b"Nov %2d %02d:%02d:%02d" % (1 + second // 86400 % 28, second // 3600 % 24,
+                                            second // 60 % 60, second % 60)
+        kind = rng.random()
+        if kind < 0.02:
+            out.append(b"%s web-01 app[77]: request failed\nTraceback (most recent call last):"
+                       b"\n  File \"app.py\", line %d, in handle\nValueError: bad %d\n"
+                       % (stamp, n % 900, n))
+        elif kind < 0.2:
+            out.append(b"%s web-02 kernel: [%d.%06d] eth0: link up %d\n" % (stamp, n, n, n))
+        else:
+            out.append(b"%s web-0%d nginx[%d]: GET /item/%d HTTP/1.1 200 took %dms line %d\n"
+                       % (stamp, n % 4, 1000 + n % 50, n, n % 97, n))
+    return b"".join(out)
+
+
+ENTRY_COLUMNS = ("SELECT file_id, offset, ts, host, program, pid, level, fields, "
+                 "CAST(raw AS BLOB), message, part FROM entries ORDER BY file_id, offset")
+
+
+@pytest.fixture(scope="module")
+def backlog_and_reference(tmp_path_factory):
+    """A 16 MB syslog backlog and what a one-core catch-up stores of it."""
+    base = tmp_path_factory.mktemp("backlog")
+    logdir = base / "logs"
+    logdir.mkdir()
+    (logdir / "syslog").write_bytes(syslog_backlog(160000))
+    os.utime(logdir / "syslog", (1795528759, 1795528759))
+    result = run_once("--cores", "1", logdir, base / "ref.db")
+    assert result.returncode == 0, result.stderr
+    return logdir, query(base / "ref.db", ENTRY_COLUMNS)
+
+
+def test_two_core_catch_up_stores_what_one_core_does(backlog_and_reference, tmp_path):
+    logdir, reference = backlog_and_reference
+    assert (logdir / "syslog").stat().st_size > 3 * lt.BULK_BYTES
+    result = run_once("--cores", "2", logdir, tmp_path / "two.db")
+    assert result.returncode == 0, result.stderr
+    assert query(tmp_path / "two.db", ENTRY_COLUMNS) == reference
+    assert sum(1 for row in reference if b"\nTraceback" in row[8]) > 1000
+
+
+def children_of(pid):
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue    # gone meanwhile
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+@pytest.mark.soak
+def test_kill_9_during_a_two_core_catch_up(binding, backlog_and_reference, tmp_path):
+    logdir, reference = backlog_and_reference
+    db = tmp_path / "app.db"
+    rng = random.Random(99)
+    for round_ in range(6):
+        daemon = Daemon(binding, logdir, db, tmp_path / f"kill-{round_}", ())
+        time.sleep(rng.uniform(0.3, 1.5))     # the random moment is the point of this test
+        workers = children_of(daemon.proc.pid)
+        daemon.kill()
+        for worker in workers:      # a worker left alone exits: it holds nothing
+            wait_for(lambda: not Path(f"/proc/{worker}").exists() or
+                     "Z" in Path(f"/proc/{worker}/stat").read_text().split(")")[1][:3],
+                     10, "the orphaned worker to exit")
+    result = run_once(logdir, db, command=binding)
+    assert result.returncode == 0, result.stderr
+    assert query(db, ENTRY_COLUMNS) == reference
+
+
+def test_a_dead_parse_worker_falls_back_to_one_core(tailer, backlog_and_reference, logdir, db):
+    source, reference = backlog_and_reference
+    daemon = tailer()
+    os.link(source / "syslog", logdir / "syslog")   # the whole backlog at once
+    wait_for(lambda: children_of(daemon.proc.pid), 20, "the parse worker to start")
+    for worker in children_of(daemon.proc.pid):
+        os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: len(query(db, "SELECT id FROM entries")) >= len(reference), 60,
+             "every entry", lambda: len(query(db, "SELECT id FROM entries")))
+    wait_for(lambda: query(db, "SELECT offset FROM files") == [(os.path.getsize(logdir /
+             "syslog"),)], 10, "the whole file stored")
+    assert query(db, ENTRY_COLUMNS) == reference
+    assert "parsing in-process from now on" in daemon.stderr
 
 
 # Everyday use: the logs view, full-text search, retention, stats, progress ####
@@ -1987,3 +2110,21 @@ def test_parsers_never_raise_and_return_storable_tuples(stamps):
             assert isinstance(message, str), parsed
             checked += 1
     assert checked > 1000
+
+
+def test_syslog_fast_path_reads_lines_as_the_general_code_does(stamps):
+    rng = random.Random(5)
+    times = ["Nov 24 13:59:19", "Nov  4 03:05:09", "Feb 30 00:00:00", "Dec 31 23:59:60",
+             "Nov 24 13:59", "Nov 24 13:59:19.5"]
+    hosts = ["web-01", "h\tost", "[::1]", "", "a b"]
+    tags = ["nginx", "postfix/smtpd", "a:b", "p[12]", "p[]", "p[1234567890]", "p[\u0663]",
+            "CRON[12]", "x", "", "[77]", "sd[1]x"]
+    ends = [": ", ":", ": hello: there", ":  two  spaces", " no colon", "[3]: m"]
+    lines = [f"{rng.choice(times)} {rng.choice(hosts)} {rng.choice(tags)}{rng.choice(ends)}"
+             for _ in range(5000)]
+    matched = 0
+    for line in lines:
+        if lt.SYSLOG_RE.match(line):
+            matched += 1
+            assert parse_syslog(line, stamps) == lt._parse_syslog(line, stamps), line
+    assert 200 < matched < 4500     # both kinds of line are seen
