@@ -1,0 +1,661 @@
+#!/usr/bin/env python3
+"""bench.py: how fast and how lean logtail2db is, measured in one run, shown in one table.
+
+Usage: python3 bench/bench.py [--quick] [--lines N] [--only NAME[,NAME]] [--keep]
+
+Writes a seeded, deterministic corpus to a temporary directory (removed at the end unless
+--keep), runs logtail2db.py as a subprocess for every measurement, and prints one table with
+the issue's target next to each figure. Nothing is asserted: the exit status is 0. MB are
+10^6 bytes. The measurements (NAME for --only):
+
+  catchup    wall time of `--once` over N syslog lines (4 files, --format syslog), over the
+             same bytes with --format plain (the difference is the parsing cost) and over the
+             same entries as JSON lines (--format json). Floors on the same syslog bytes: the
+             sqlite3 CLI's .import and a Python loader (executemany, 10k rows per transaction,
+             WAL), both into a one-column table. Also peak RSS (ru_maxrss from wait4: the
+             larger of the tool and the parse worker it reaped, not their sum), CPU seconds,
+             and DB size (.db plus -wal) per log byte.
+  latency    the daemon (--format auto) on an empty directory; a thread appends a numbered
+             syslog line every 2 ms, first opening and closing the file per line, then
+             through one unbuffered file kept open, while the main thread polls the DB every
+             1 ms: per line, the time from write() returning to the row being visible.
+  idle       CPU seconds (utime+stime from /proc/PID/stat) the caught-up daemon spends with
+             100 quiet files, per 10 s.
+  longline   peak RSS and wall time of `--once` over a single line of 200 MB.
+  manyfiles  `--once` over many small files, then the daemon over the same files: files/s,
+             and the most fds the daemon holds open (sampled every 50 ms).
+
+--quick is a smaller run (100k lines, 2 s latency runs, 3 s idle, 20 MB line, 1,000 files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import math
+import os
+import pathlib
+import platform
+import random
+import re
+import shlex
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+
+TOOL = pathlib.Path(__file__).resolve().parent.parent / "logtail2db.py"
+MEASUREMENTS = ("catchup", "latency", "idle", "longline", "manyfiles")
+FULL = {"lines": 1_000_000, "latency_s": 10.0, "idle_s": 10.0, "line_mb": 200, "files": 10_000}
+QUICK = {"lines": 100_000, "latency_s": 2.0, "idle_s": 3.0, "line_mb": 20, "files": 1_000}
+SEED = 20261124
+START_EPOCH = 1795392000        # 2026-11-23 00:00:00 UTC: the corpus's first timestamp
+CATCHUP_FILES = 4
+WRITE_EVERY_S = 0.002           # the latency writer's pace
+POLL_EVERY_S = 0.001            # the latency reader's pace
+SAMPLE_EVERY_S = 0.05           # how often the daemon's open fds are counted
+SETTLE_S = 5.0                  # after the writer stops: the syslog hold (~1 s) plus slack
+READY_S = 60.0                  # for the daemon to say "watching", or rows to show up
+RUN_LIMIT_S = 900.0             # a --once run still going after this is killed and reported
+IDLE_FILES, IDLE_LINES = 100, 5
+MANY_LINES = 3                  # lines per file in the many-files corpus
+MB = 1e6
+
+MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
+HOSTS = ("web-01", "web-02", "web-03", "db-01", "cache-01", "mail-01", "lb-01", "worker-07")
+USERS = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi")
+PATHS = ("/index.html", "/api/v1/orders", "/api/v1/users/me", "/static/app.3f9c2b.js",
+         "/login", "/search?q=log+tail&page=2", "/healthz", "/api/v1/orders/48213/items")
+STATUSES = (200, 200, 200, 200, 200, 301, 304, 404, 500)
+SEQ_RE = re.compile(r"seq=([0-9]+)")
+# Long-line bytes: random bytes mapped onto letters, digits and spaces (never a newline).
+LETTERS = bytes(b"abcdefghijklmnopqrstuvwxyz0123456789 "[i % 37] for i in range(256))
+
+Run = collections.namedtuple("Run", "seconds rss_mb cpu_s")
+
+
+class BenchError(Exception):
+    """A measurement could not be made (the tool failed, hung or lost lines): its row says why."""
+
+
+def progress(text: str) -> None:
+    sys.stderr.write(f"bench: {text}\n")
+    sys.stderr.flush()
+
+
+def tail(data: bytes, lines: int = 3) -> str:
+    """The last lines of a process's stderr, for a failure message."""
+    return " | ".join(data.decode("utf-8", "backslashreplace").strip().splitlines()[-lines:])
+
+
+# Corpus #######################################################################
+
+def random_event(rng: random.Random) -> tuple:
+    """(host, program, pid, level, message) of a made-up but typical server log line."""
+    host, user, roll = rng.choice(HOSTS), rng.choice(USERS), rng.random()
+    ip = f"10.0.{rng.randrange(8)}.{rng.randrange(2, 250)}"
+    if roll < 0.45:
+        status = rng.choice(STATUSES)
+        return (host, "nginx", 1000 + rng.randrange(64), "error" if status >= 500 else "info",
+                f"GET {rng.choice(PATHS)} {status} user={user} took {rng.randrange(1, 900)}ms "
+                f"upstream={ip}:8080")
+    if roll < 0.60:
+        return (host, "sshd", rng.randrange(2000, 30000), "info",
+                f"Accepted publickey for {user} from {ip} port {rng.randrange(32768, 61000)} "
+                f"ssh2: ED25519 SHA256:{rng.getrandbits(48):012x}")
+    if roll < 0.70:
+        return (host, "kernel", None, "warning",
+                f"[{rng.random() * 1e6:.6f}] TCP: request_sock_TCP: Possible SYN flooding "
+                "on port 443. Sending cookies.")
+    if roll < 0.80:
+        return (host, "CRON", rng.randrange(2000, 30000), "info",
+                f"({user}) CMD (/usr/local/bin/backup.sh --incremental "
+                f"--target s3://backups/{host}/{rng.randrange(10000)})")
+    if roll < 0.95:
+        level = rng.choice(("info", "info", "info", "warning", "error"))
+        return (host, "app", rng.randrange(3000, 3100), level,
+                f'level={level} msg="order updated" order_id={rng.randrange(10**6)} '
+                f"user={user} duration_ms={rng.randrange(1, 500)}")
+    return (host, "systemd", 1, "info",
+            f"Started Session {rng.randrange(1, 99999)} of user {user}.")
+
+
+def events(rng: random.Random):
+    """Endless (BSD time, ISO time, host, program, pid, level, message), time advancing."""
+    epoch, second = float(START_EPOCH), None
+    while True:
+        epoch += rng.random() * 0.6
+        if int(epoch) != second:    # formatting a time costs more than the rest of a line
+            second = int(epoch)
+            tm = time.gmtime(second)
+            bsd = (f"{MONTHS[tm.tm_mon - 1]} {tm.tm_mday:2d} "
+                   f"{tm.tm_hour:02d}:{tm.tm_min:02d}:{tm.tm_sec:02d}")
+            iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", tm)
+        yield (bsd, iso, *random_event(rng))
+
+
+def syslog_line(bsd, iso, host, program, pid, level, message) -> str:
+    tag = program if pid is None else f"{program}[{pid}]"
+    return f"{bsd} {host} {tag}: {message}\n"
+
+
+def json_line(bsd, iso, host, program, pid, level, message) -> str:
+    return json.dumps({"time": iso, "level": level, "host": host, "msg": message,
+                       "program": program, "pid": pid}) + "\n"
+
+
+def make_catchup_corpus(syslog_dir: pathlib.Path, json_dir: pathlib.Path, lines: int) -> None:
+    """LINES entries over CATCHUP_FILES files, as syslog in one directory, as JSON in the other."""
+    syslog_dir.mkdir()
+    json_dir.mkdir()
+    source = events(random.Random(SEED))
+    for k in range(CATCHUP_FILES):
+        count = lines * (k + 1) // CATCHUP_FILES - lines * k // CATCHUP_FILES
+        with open(syslog_dir / f"syslog-{k}.log", "w") as syslog_file, \
+                open(json_dir / f"app-{k}.json", "w") as json_file:
+            for start in range(0, count, 10_000):
+                batch = [next(source) for _ in range(min(10_000, count - start))]
+                syslog_file.write("".join(syslog_line(*event) for event in batch))
+                json_file.write("".join(json_line(*event) for event in batch))
+
+
+def make_small_files(directory: pathlib.Path, files: int, lines: int) -> None:
+    """FILES syslog files of LINES lines each."""
+    directory.mkdir()
+    source = events(random.Random(SEED + files))
+    for i in range(files):
+        with open(directory / f"app-{i:05d}.log", "w") as file:
+            file.write("".join(syslog_line(*next(source)) for _ in range(lines)))
+
+
+def make_long_line(path: pathlib.Path, size: int) -> None:
+    """One line of SIZE bytes, its only newline at the end."""
+    block = random.Random(SEED).randbytes(1 << 20).translate(LETTERS)
+    with open(path, "wb") as file:
+        left = size - 1
+        while left > 0:
+            file.write(block[:left])
+            left -= len(block)
+        file.write(b"\n")
+
+
+def dir_bytes(directory: pathlib.Path) -> int:
+    return sum(path.stat().st_size for path in directory.iterdir())
+
+
+# Running things ###############################################################
+
+def run_measured(cmd: list, stdin=subprocess.DEVNULL) -> Run:
+    """Run CMD to its end: wall time of the whole process, its peak RSS and CPU (via wait4)."""
+    with tempfile.TemporaryFile() as err:
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.DEVNULL, stderr=err)
+        killer = threading.Timer(RUN_LIMIT_S, proc.kill)   # a hang becomes a row, not a stuck run
+        killer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            killer.cancel()
+        seconds = time.monotonic() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)    # reaped here, not by Popen
+        if proc.returncode != 0:
+            err.seek(0)
+            raise BenchError(f"`{shlex.join(map(str, cmd))}` exited {proc.returncode} after "
+                             f"{seconds:.1f} s: {tail(err.read())}")
+    return Run(seconds, usage.ru_maxrss * 1024 / MB, usage.ru_utime + usage.ru_stime)
+
+
+def tool(*args) -> list:
+    return [sys.executable, str(TOOL), *map(str, args)]
+
+
+def ro_uri(db: pathlib.Path) -> str:
+    return f"file:{urllib.parse.quote(str(db))}?mode=ro"
+
+
+def count_rows(db: pathlib.Path, table: str = "entries") -> int:
+    """Rows visible to a reader now; 0 while the database or its schema is not there yet."""
+    try:
+        conn = sqlite3.connect(ro_uri(db), uri=True, timeout=1.0)
+        try:
+            return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.OperationalError:
+        return 0
+
+
+def db_bytes(db: pathlib.Path) -> int:
+    """The database's size on disk as the tool left it: the file plus its WAL, if any."""
+    wal = db.with_name(db.name + "-wal")
+    return db.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+
+
+def time_once(directory: pathlib.Path, db: pathlib.Path, *args) -> Run:
+    """`--once` over DIRECTORY into a fresh DB."""
+    return run_measured(tool("--once", *args, directory, db))
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    """Poll PREDICATE with a short backoff until it is true; BenchError after TIMEOUT_S."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.001
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+@contextlib.contextmanager
+def daemon(directory: pathlib.Path, db: pathlib.Path):
+    """The tool following DIRECTORY (not yet ready), and its stderr's path; stopped after."""
+    err_path = db.with_name(db.name + ".stderr")
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen(tool(directory, db), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        yield proc, err_path
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            progress(f"the daemon (pid {proc.pid}) ignored SIGTERM for 5 s: killed")
+            proc.kill()
+            proc.wait()
+
+
+def is_watching(proc: subprocess.Popen, err_path: pathlib.Path) -> bool:
+    """Whether the daemon has said "watching DIR: N files" (it has caught up and waits)."""
+    text = err_path.read_bytes()
+    if proc.poll() is not None:
+        raise BenchError(f"the daemon exited {proc.returncode}: {tail(text)}")
+    return b"watching" in text
+
+
+def wait_watching(proc: subprocess.Popen, err_path: pathlib.Path) -> None:
+    wait_for(lambda: is_watching(proc, err_path), READY_S, 'the daemon to say "watching"')
+
+
+# Measurements #################################################################
+
+def import_floor(directory: pathlib.Path, db: pathlib.Path) -> Run | None:
+    """The sqlite3 CLI's .import of each file, one line per row; None without the CLI."""
+    cli = shutil.which("sqlite3")
+    if cli is None:
+        return None
+    # Fields split at \037 (unit separator), which the corpus never holds: a row per line.
+    script = ["CREATE TABLE lines(raw TEXT);", ".mode ascii", r'.separator "\037" "\n"']
+    script += [f'.import "{path}" lines' for path in sorted(directory.iterdir())]
+    with tempfile.TemporaryFile() as stdin:
+        stdin.write("\n".join(script).encode() + b"\n")
+        stdin.seek(0)
+        return run_measured([cli, str(db)], stdin=stdin)
+
+
+def load_lines(directory: str, db: str) -> None:
+    """The Python floor: raw lines into a one-column table, 10k rows per transaction, WAL."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = wal")
+    conn.execute("PRAGMA synchronous = normal")     # as the tool does in WAL mode
+    conn.execute("CREATE TABLE lines(raw TEXT)")
+    batch = []
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), "rb") as file:
+            for line in file:
+                batch.append((line.rstrip(b"\n").decode("utf-8", "replace"),))
+                if len(batch) == 10_000:
+                    conn.execute("BEGIN")
+                    conn.executemany("INSERT INTO lines VALUES (?)", batch)
+                    conn.execute("COMMIT")
+                    batch = []
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO lines VALUES (?)", batch)
+    conn.execute("COMMIT")
+    conn.close()
+
+
+def rows_note(found: int, expected: int) -> str:
+    """Nothing when every line became a row; else the shortfall, loudly."""
+    return "" if found == expected else f", ROWS {found:,} != {expected:,} lines"
+
+
+def rate_note(run: Run, lines: int, size: int) -> str:
+    return f"{run.seconds:.2f} s, {size / MB / run.seconds:.1f} MB/s, CPU {run.cpu_s:.1f} s"
+
+
+def measure_catchup(work: pathlib.Path, lines: int) -> list:
+    syslog_dir, json_dir = work / "catchup-syslog", work / "catchup-json"
+    progress(f"catch-up: writing {lines:,} lines as syslog and as JSON lines")
+    make_catchup_corpus(syslog_dir, json_dir, lines)
+    syslog_size, json_size = dir_bytes(syslog_dir), dir_bytes(json_dir)
+    rows = [("corpus: syslog", syslog_size / MB, "MB",
+             f"{lines:,} lines in {CATCHUP_FILES} files, {syslog_size / lines:.0f} B/line"),
+            ("corpus: JSON lines", json_size / MB, "MB",
+             f"the same entries, {json_size / lines:.0f} B/line")]
+
+    progress("catch-up: floor, sqlite3 .import")
+    floor_import = import_floor(syslog_dir, work / "floor-import.db")
+    if floor_import is None:
+        rows.append(("floor: sqlite3 .import", "-", "", "skipped: no sqlite3 CLI on PATH"))
+    else:
+        found = count_rows(work / "floor-import.db", "lines")
+        rows.append(("floor: sqlite3 .import", lines / floor_import.seconds, "lines/s",
+                     rate_note(floor_import, lines, syslog_size)
+                     + rows_note(found, lines)))
+    progress("catch-up: floor, Python executemany")
+    floor_python = run_measured([sys.executable, __file__, "--python-floor",
+                                 str(syslog_dir), str(work / "floor-python.db")])
+    rows.append(("floor: Python executemany", lines / floor_python.seconds, "lines/s",
+                 rate_note(floor_python, lines, syslog_size)
+                 + f", peak RSS {floor_python.rss_mb:.0f} MB"
+                 + rows_note(count_rows(work / "floor-python.db", "lines"), lines)))
+
+    runs = {}
+    for label, directory, size, fmt in (("syslog (parsed)", syslog_dir, syslog_size, "syslog"),
+                                        ("plain", syslog_dir, syslog_size, "plain"),
+                                        ("JSON lines", json_dir, json_size, "json")):
+        progress(f"catch-up: --once --format {fmt}")
+        db = work / f"catchup-{fmt}.db"
+        try:
+            run = runs[fmt] = time_once(directory, db, "--format", fmt)
+        except BenchError as exc:
+            rows.append((f"catch-up {label}", "FAILED", "", str(exc)))
+            continue
+        size_on_disk = db_bytes(db)
+        found = count_rows(db)
+        ratios = (", ".join(f"{floor.seconds / run.seconds:.2f}x {name} floor" for name, floor in
+                            ((".import", floor_import), ("Python", floor_python)) if floor)
+                  + (" (target >= 0.5x .import)" if fmt == "syslog" else ""))
+        rows.append((f"catch-up {label}", lines / run.seconds, "lines/s",
+                     f"{ratios}, {rate_note(run, lines, size)}, peak RSS {run.rss_mb:.0f} MB "
+                     "(target <= 64 MB)"
+                     + rows_note(found, lines)))
+        rows.append((f"DB size, {label}", size_on_disk / size, "x log bytes",
+                     f"{size_on_disk / MB:.1f} MB (.db + -wal) for {size / MB:.1f} MB of log "
+                     "(target <= 1.6x)"))
+    if "syslog" in runs and "plain" in runs:
+        parsed, plain = runs["syslog"].seconds, runs["plain"].seconds
+        rows.append(("parsing cost: syslog vs plain", parsed / plain, "x time",
+                     f"{parsed:.2f} s parsed vs {plain:.2f} s plain"))
+    return rows
+
+
+def probe_line(seq: int) -> bytes:
+    """A syslog line of about the corpus's size carrying its sequence number."""
+    tm = time.gmtime()
+    return (f"{MONTHS[tm.tm_mon - 1]} {tm.tm_mday:2d} {tm.tm_hour:02d}:{tm.tm_min:02d}:"
+            f"{tm.tm_sec:02d} bench-01 probe[{os.getpid()}]: seq={seq:06d} latency probe "
+            "GET /api/v1/orders 200 user=alice took 12ms\n").encode()
+
+
+def write_paced(path: pathlib.Path, kept_open: bool, written: list) -> None:
+    """Append line i at start + i * WRITE_EVERY_S; written[i] = when its write() returned."""
+    # buffering=0: each line is one write(2), so the time noted is when the file holds it.
+    kept = open(path, "ab", buffering=0) if kept_open else None
+    try:
+        start = time.monotonic()
+        for seq in range(len(written)):
+            delay = start + seq * WRITE_EVERY_S - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            if kept is not None:
+                kept.write(probe_line(seq))
+                written[seq] = time.monotonic()
+            else:
+                with open(path, "ab", buffering=0) as file:
+                    file.write(probe_line(seq))
+                    written[seq] = time.monotonic()
+    finally:
+        if kept is not None:
+            kept.close()
+
+
+def poll_visible(conn: sqlite3.Connection, writer: threading.Thread, count: int) -> dict:
+    """{seq: when its row was first seen}, polling until COUNT are seen or SETTLE_S after the
+    writer stops."""
+    seen, last_id, give_up_at = {}, 0, None
+    while len(seen) < count:
+        found = conn.execute("SELECT id, raw FROM entries WHERE id > ? ORDER BY id",
+                             (last_id,)).fetchall()
+        now = time.monotonic()
+        for last_id, raw in found:
+            match = SEQ_RE.search(str(raw))
+            if match:
+                seen.setdefault(int(match[1]), now)
+        if give_up_at is None and not writer.is_alive():
+            give_up_at = now + SETTLE_S
+        elif give_up_at is not None and now > give_up_at:
+            break
+        time.sleep(POLL_EVERY_S)    # the reader's pace; it leaves the other core to the writer
+    return seen
+
+
+def percentile(ordered: list, p: float) -> float:
+    """Nearest-rank percentile of sorted values."""
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def measure_latency(work: pathlib.Path, kept_open: bool, duration_s: float) -> list:
+    style = "file kept open" if kept_open else "open/write/close"
+    name = "latency-kept" if kept_open else "latency-reopen"
+    directory, db = work / name, work / f"{name}.db"
+    directory.mkdir()
+    count = round(duration_s / WRITE_EVERY_S)
+    written = [None] * count
+    progress(f"latency, {style}: {count:,} lines, one per {WRITE_EVERY_S * 1000:g} ms")
+    with daemon(directory, db) as (proc, err_path):
+        wait_watching(proc, err_path)
+        conn = sqlite3.connect(ro_uri(db), uri=True, isolation_level=None)
+        writer = threading.Thread(target=write_paced, args=(directory / "app.log", kept_open,
+                                                            written))
+        writer.start()
+        try:
+            seen = poll_visible(conn, writer, count)
+        finally:
+            writer.join()
+            conn.close()
+    ms = sorted((at - written[seq]) * 1000 for seq, at in seen.items()
+                if seq < count and written[seq] is not None)
+    if not ms:
+        raise BenchError(f"latency, {style}: none of {count:,} lines became visible")
+    missing = "" if len(seen) == count else f"; {count - len(seen):,} LINES MISSING"
+    return [(f"latency p50, {style}", percentile(ms, 50), "ms",
+             f"p95 {percentile(ms, 95):.1f} ms (target p50 <= 10 ms)"),
+            (f"latency p99, {style}", percentile(ms, 99), "ms",
+             f"max {ms[-1]:.0f} ms (a file's last syslog entry may wait ~1 s for more); "
+             f"{len(seen):,} lines seen of {count:,} written{missing} (target p99 <= 50 ms)")]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of PID so far."""
+    with open(f"/proc/{pid}/stat") as file:
+        fields = file.read().rpartition(")")[2].split()    # comm, in parentheses, may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_idle(work: pathlib.Path, idle_s: float) -> list:
+    directory, db = work / "idle", work / "idle.db"
+    make_small_files(directory, IDLE_FILES, IDLE_LINES)
+    total = IDLE_FILES * IDLE_LINES
+    progress(f"idle CPU: {IDLE_FILES} files, {idle_s:g} s")
+    with daemon(directory, db) as (proc, err_path):
+        wait_watching(proc, err_path)
+        wait_for(lambda: count_rows(db) >= total, READY_S, f"all {total} lines to be stored")
+        before = cpu_seconds(proc.pid)
+        time.sleep(idle_s)      # the interval measured, not a wait for anything
+        used = cpu_seconds(proc.pid) - before
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    return [(f"idle CPU, {IDLE_FILES} files", used / idle_s * 10, "CPU s per 10 s",
+             f"{used:.2f} s over {idle_s:g} s, counted in ticks of {tick:g} s (target < 0.02)")]
+
+
+def measure_long_line(work: pathlib.Path, line_mb: int) -> list:
+    directory, db = work / "longline", work / "longline.db"
+    directory.mkdir()
+    progress(f"peak RSS: one line of {line_mb} MB")
+    make_long_line(directory / "huge.log", line_mb * 1_000_000)
+    run = time_once(directory, db)
+    return [(f"peak RSS, one {line_mb} MB line", run.rss_mb, "MB",
+             f"--once {run.seconds:.2f} s, stored as {count_rows(db):,} pieces "
+             "(target <= 64 MB)")]
+
+
+def open_fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except FileNotFoundError:
+        return 0    # it has just exited; is_watching() reports that
+
+
+def measure_many_files(work: pathlib.Path, files: int) -> list:
+    directory = work / "many"
+    make_small_files(directory, files, MANY_LINES)
+    total = files * MANY_LINES
+    progress(f"many files: --once over {files:,} files")
+    once_db = work / "many-once.db"
+    run = time_once(directory, once_db)
+    found = count_rows(once_db)
+    rows = [(f"--once, {files:,} files", files / run.seconds, "files/s",
+             f"{run.seconds:.2f} s, {total / run.seconds:,.0f} lines/s, peak RSS "
+             f"{run.rss_mb:.0f} MB (target >= 2,000 files/s)"
+             + rows_note(found, total))]
+
+    progress(f"many files: the daemon over {files:,} files")
+    db = work / "many-daemon.db"
+    most_fds, read_s = 0, None
+    started = time.monotonic()
+    with daemon(directory, db) as (proc, err_path):
+        while True:
+            most_fds = max(most_fds, open_fds(proc.pid))
+            # Read the DB only once it has said "watching": it is in WAL mode by then, so a
+            # reader cannot get in the way of its setting up.
+            stored = count_rows(db) if is_watching(proc, err_path) else 0
+            elapsed = time.monotonic() - started
+            # The last entry of each syslog file waits for ~1 s of quiet (multi-line
+            # grouping): every file is read once all the others are there.
+            if read_s is None and stored >= total - files:
+                read_s = elapsed
+            if stored >= total:
+                settled_fds = open_fds(proc.pid)
+                break
+            if elapsed > READY_S:
+                raise BenchError(f"daemon, {files:,} files: {stored:,} of {total:,} lines "
+                                 f"stored after {READY_S:g} s")
+            time.sleep(SAMPLE_EVERY_S)     # the sampling period
+    rows.append((f"daemon, {files:,} files", files / read_s, "files/s",
+                 f"every file read after {read_s:.2f} s, all {total:,} rows after {elapsed:.2f} s "
+                 "(the last entry of each file is held ~1 s) (target >= 2,000 files/s)"))
+    rows.append((f"daemon open fds, {files:,} files", most_fds, "fds",
+                 f"most seen, sampled every {SAMPLE_EVERY_S * 1000:g} ms; {settled_fds:,} once all "
+                 "rows were stored; --max-open-files is 256 by default (target: bounded)"))
+    return rows
+
+
+# Report and main ##############################################################
+
+def shown(value) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) or abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def header(elapsed_s: float) -> list:
+    version = subprocess.run(tool("--version"), capture_output=True, text=True)
+    cli = shutil.which("sqlite3")
+    cli_version = (subprocess.run([cli, "--version"], capture_output=True, text=True)
+                   .stdout.split(" ")[0] if cli else "missing")
+    return [f"tool:    {(version.stdout or version.stderr).strip()}",
+            f"machine: {os.cpu_count()} CPUs, {platform.system()} {platform.release()} "
+            f"{platform.machine()}, load {os.getloadavg()[0]:.2f}",
+            f"python:  {platform.python_version()}, SQLite {sqlite3.sqlite_version} (module), "
+            f"sqlite3 CLI {cli_version}",
+            f"run:     {elapsed_s:.0f} s, seed {SEED}"]
+
+
+def table(rows: list) -> list:
+    cells = [("measurement", "value", "unit", "note")] + [
+        (name, shown(value), unit, note) for name, value, unit, note in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(3)]
+    lines = []
+    for i, (name, value, unit, note) in enumerate(cells):
+        lines.append(f"{name:<{widths[0]}} | {value:>{widths[1]}} | {unit:<{widths[2]}} | {note}")
+        if i == 0:
+            lines.append("-+-".join("-" * width for width in widths) + "-+-" + "-" * 40)
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Benchmark logtail2db.py: catch-up, latency, idle CPU, memory, DB size, "
+                    "many files. Prints one table; asserts nothing.")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smaller run: 100k lines, 2 s latency runs, 1,000 files, 20 MB line")
+    parser.add_argument("--lines", type=int, metavar="N",
+                        help="lines in the catch-up corpus (default: 1,000,000; --quick 100,000)")
+    parser.add_argument("--only", metavar="NAME[,NAME]",
+                        help=f"run only these measurements: {', '.join(MEASUREMENTS)}")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temporary directory (corpus, databases, stderr files)")
+    # Runs the Python floor in a process of its own, so its time and RSS are measured alike.
+    parser.add_argument("--python-floor", nargs=2, metavar=("DIR", "DB"),
+                        help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.python_floor:
+        load_lines(*args.python_floor)
+        return 0
+    scale = QUICK if args.quick else FULL
+    lines = args.lines or scale["lines"]
+    only = args.only.split(",") if args.only else list(MEASUREMENTS)
+    unknown = set(only) - set(MEASUREMENTS)
+    if unknown:
+        parser.error(f"--only: unknown {', '.join(sorted(unknown))} "
+                     f"(choose from {', '.join(MEASUREMENTS)})")
+    started = time.monotonic()
+    work = pathlib.Path(tempfile.mkdtemp(prefix="logtail2db-bench-"))
+    steps = {
+        "catchup": lambda: measure_catchup(work, lines),
+        "latency": lambda: (measure_latency(work, False, scale["latency_s"])
+                            + measure_latency(work, True, scale["latency_s"])),
+        "idle": lambda: measure_idle(work, scale["idle_s"]),
+        "longline": lambda: measure_long_line(work, scale["line_mb"]),
+        "manyfiles": lambda: measure_many_files(work, scale["files"]),
+    }
+    rows = []
+    try:
+        for name in MEASUREMENTS:
+            if name in only:
+                try:
+                    rows += steps[name]()
+                except BenchError as exc:
+                    progress(f"{name} failed: {exc}")
+                    rows.append((name, "FAILED", "", str(exc)))
+    finally:
+        if args.keep:
+            progress(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print("\n".join(header(time.monotonic() - started) + [""] + table(rows)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
