@@ -1476,13 +1476,14 @@ class ParseWorker:
             _serve(theirs, options)     # never returns
         theirs.close()
         self.sock = ours
-        self.file = None        # the Tracked whose run is under way
+        self.file = None        # the Tracked whose run is under way...
+        self.stop = 0           # ...up to this offset
 
     def start(self, t, stop: int, mtime: float) -> None:
         builder = t.builder
         send_frame(self.sock, ("parse", t.id, builder.format, builder.part, builder.held,
                                t.pos, stop, mtime), t.fd)
-        self.file = t
+        self.file, self.stop = t, stop
 
     def next(self):
         """The next chunk of the run, (rows, end), its state put into the file's builder;
@@ -1518,9 +1519,10 @@ def _serve(sock: socket.socket, options: ParseOptions) -> None:
     """The worker's life: parse what is asked until the socket closes."""
     try:
         signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        for signum in (signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_IGN)   # the tailer handles them, then closes us
+        # systemd and terminals signal the whole group: the tailer stores what it took from
+        # us, then closes the socket, and that ends us.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
         # Keep no fd of the tailer's: not its lock on the database, not its log files.
         os.closerange(3, sock.fileno())
         os.closerange(sock.fileno() + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
@@ -1549,7 +1551,8 @@ def _serve(sock: socket.socket, options: ParseOptions) -> None:
             if pos < stop and select.select([sock], [], [], 0)[0]:
                 receive_frame(sock)     # the stop that ended the run early
             send_frame(sock, ("done",))
-    except BaseException:
+    except BaseException as exc:
+        log.error("parse worker: %r", exc)
         os._exit(1)     # the tailer sees the socket close and parses in-process
     os._exit(0)
 
@@ -1560,11 +1563,15 @@ _FRAME = struct.Struct("Q")
 def send_frame(sock: socket.socket, message, fd: int = None) -> None:
     data = marshal.dumps(message)
     header = _FRAME.pack(len(data))
-    if fd is None:
-        sock.sendall(header + data)
-    else:
-        sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
-        sock.sendall(data)
+    try:
+        if fd is None:
+            sock.sendall(header + data)
+        else:
+            sock.sendmsg([header],
+                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+            sock.sendall(data)
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        raise WorkerLost(f"the parse worker's socket closed ({exc.strerror})") from None
 
 
 def receive_frame(sock: socket.socket, with_fd: bool = False):
@@ -1578,7 +1585,7 @@ def receive_frame(sock: socket.socket, with_fd: bool = False):
         header = b""
     header += _receive_exactly(sock, _FRAME.size - len(header))
     message = marshal.loads(_receive_exactly(sock, _FRAME.unpack(header)[0]))
-    return (message, fds[0]) if with_fd else message
+    return (message, fds[0] if fds else None) if with_fd else message
 
 
 def _receive_exactly(sock: socket.socket, size: int) -> bytearray:
@@ -1586,7 +1593,10 @@ def _receive_exactly(sock: socket.socket, size: int) -> bytearray:
     view = memoryview(data)
     got = 0
     while got < size:
-        n = sock.recv_into(view[got:])
+        try:
+            n = sock.recv_into(view[got:])
+        except ConnectionResetError:
+            n = 0
         if n == 0:
             raise WorkerLost("the parse worker's socket closed")
         got += n
@@ -2144,9 +2154,11 @@ class Tailer:
             t.size = st.st_size
             return True, 0
         used = 0
-        bulk = self.worker is not None and self.worker.file is t
-        if bulk or (self.use_worker and st.st_size - t.pos >= BULK_BYTES
-                    and t.builder.part is None and t.builder.format != "plain"):
+        busy = self.worker.file if self.worker is not None else None
+        if busy is t or (self.use_worker and st.st_size - t.pos >= BULK_BYTES
+                         and t.builder.part is None and t.builder.format != "plain"):
+            if busy is not None and busy is not t:
+                return False, 0     # its turn with the worker comes after this backlog's
             used = self.read_bulk(t, budget, st)
             if self.worker is not None and self.worker.file is t:
                 self.stats["bytes"] += used
@@ -2187,15 +2199,14 @@ class Tailer:
                 return 0
         if worker.file is None:
             worker.start(t, st.st_size, st.st_mtime)
-        elif worker.file is not t:
-            return 0    # busy with another file
         start = t.pos
-        while t.pos - start < budget:
+        while worker.file is t and t.pos - start < budget:
             chunk = worker.next()
-            if chunk is None:
-                break
-            rows, t.pos = chunk
-            self.add_rows(t, rows)
+            if chunk is not None:
+                rows, t.pos = chunk
+                self.add_rows(t, rows)
+        if worker.file is t and t.pos >= worker.stop:
+            worker.next()   # its "done": the file may look unchanged from now on
         if t.pos > start:
             t.last_data = time.monotonic()
             self.touched[t] = None

@@ -1184,6 +1184,17 @@ def test_two_core_catch_up_stores_what_one_core_does(backlog_and_reference, tmp_
     assert sum(1 for row in reference if b"\nTraceback" in row[8]) > 1000
 
 
+def test_two_core_catch_up_of_several_big_files(logdir, tmp_path):
+    for n in range(3):      # each waits its turn with the worker, none is read twice
+        (logdir / f"syslog.{n}").write_bytes(syslog_backlog(60000, seed=n))
+        os.utime(logdir / f"syslog.{n}", (1795528759, 1795528759))
+    assert min(p.stat().st_size for p in logdir.iterdir()) > lt.BULK_BYTES
+    for cores in ("1", "2"):
+        result = run_once("--cores", cores, logdir, tmp_path / f"{cores}.db", timeout=60)
+        assert result.returncode == 0, result.stderr
+    assert query(tmp_path / "2.db", ENTRY_COLUMNS) == query(tmp_path / "1.db", ENTRY_COLUMNS)
+
+
 def children_of(pid):
     kids = []
     for entry in os.listdir("/proc"):
