@@ -688,7 +688,9 @@ def scrub_surrogates(value):
 def load_json(text: str):
     """json.loads, minus lone surrogates ('\\ud800' is valid JSON but not storable text)."""
     value = json.loads(text)
-    return scrub_surrogates(value) if SURROGATE_ESCAPE_RE.search(text) else value
+    if "\\u" in text and SURROGATE_ESCAPE_RE.search(text):    # the substring test is cheaper
+        return scrub_surrogates(value)
+    return value
 
 
 def pop_first(obj: dict, keys, convert, *args):
@@ -888,6 +890,8 @@ def detect_format(lines: list[str], stamps: Stamps) -> str:
 
 ParseOptions = collections.namedtuple(
     "ParseOptions", "format pattern multiline_start max_entry_bytes max_entry_lines")
+# One encoder for every row: json.dumps() with options builds a new one per call.
+FIELDS_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 DEFAULT_PARSE = ParseOptions("plain", None, None, MAX_ENTRY_BYTES, 500)
 
 
@@ -1030,7 +1034,7 @@ class EntryBuilder:
                 return (self.file_id, offset, raw)
             return (self.file_id, offset, "", "", "", -1, "", "", raw, _readable(raw), 1, 0)
         ts, host, program, pid, level, fields, message = parsed
-        fields = json.dumps(fields, ensure_ascii=False, separators=(",", ":")) if fields else ""
+        fields = FIELDS_JSON(fields) if fields else ""
         first = lines[0]
         if type(raw) is str and first.endswith(message):
             # message is raw from msg_at on (1-based): not stored twice.
