@@ -84,6 +84,7 @@ DB_SUFFIXES = (b"", b"-wal", b"-shm", b"-journal")
 SQLITE_MAGIC = b"SQLite format 3\x00"
 FORMATS = ("auto", "syslog", "json", "clf", "app", "plain")
 SCHEMA_VERSION = 2
+MIN_SQLITE = (3, 31)            # generated columns (entries.message)
 
 # SQLite errors that pass: the batch is rolled back and retried later.
 TRANSIENT_SQLITE = {"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN"}
@@ -1283,6 +1284,10 @@ def other_tailer_pid(path: str):
 
 def open_store(path: str):
     """Open (or create) DATABASE for writing: locked, in WAL mode, schema up to date."""
+    if sqlite3.sqlite_version_info < MIN_SQLITE:
+        raise Fatal(f"this Python's sqlite3 module has SQLite {sqlite3.sqlite_version}; "
+                    f"logtail2db needs {'.'.join(map(str, MIN_SQLITE))} or newer "
+                    "(generated columns)")
     check_database_file(path)
     try:
         lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -1323,7 +1328,7 @@ class Store:
         if version > SCHEMA_VERSION:
             raise Fatal(f"{path!r} has schema version {version}, newer than this logtail2db "
                         f"{__version__} knows ({SCHEMA_VERSION}); use a newer logtail2db")
-        if version == 0 and conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]:
+        if version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
             raise Fatal(f"{path!r} is an SQLite database of another program "
                         "(it has tables but no logtail2db schema); left untouched")
         mode = conn.execute("PRAGMA journal_mode = wal").fetchone()[0]
@@ -1648,6 +1653,8 @@ class Tailer:
         self.names = {}         # name -> Tracked found under that name
         self.resumable = {}     # (dev, ino) -> StoredFile: known to the database, not yet found
         self.by_path = {}       # (path, ino) -> (dev, ino) of resumable: for a changed st_dev
+        self.originals = {}     # hash of a full fingerprint -> (offset, check, path) as stored:
+                                # a new file that starts so is a copy (copytruncate)
         self.dirty = {}         # name -> inotify mask gathered since the last round
         self.pending = {}       # Tracked -> None: more to read (an ordered set)
         self.touched = {}       # Tracked -> None: state to store in the next commit
@@ -1740,6 +1747,7 @@ class Tailer:
             if path.startswith(prefix) and b"/" not in path[len(prefix):]:
                 self.resumable[(row.dev, row.ino)] = row
                 self.by_path[(path, row.ino)] = (row.dev, row.ino)
+                self.remember_original(row.fingerprint, row.offset, row.resume_hash, row.path)
 
     # -- the loop --------------------------------------------------------------
 
@@ -2037,7 +2045,12 @@ class Tailer:
                 self.gone.append((utc_now(), row.id))
             t.id = self.next_id
             self.next_id += 1
-            if self.starting and self.options.from_end:
+            copied = self.copied_up_to(fd, st.st_size)
+            if copied is not None:
+                t.offset, source = copied
+                log.info("%s: a copy of %s (copytruncate); what it holds before offset %d is "
+                         "stored already", shown(name), source, t.offset)
+            elif self.starting and self.options.from_end:
                 t.offset = last_line_end(fd, st.st_size)
         t.pos = t.offset
         t.size = st.st_size
@@ -2046,6 +2059,25 @@ class Tailer:
         self.tracked[key] = t
         self.touched[t] = None
         return t
+
+    def remember_original(self, fingerprint: bytes, offset: int, check, path: str) -> None:
+        if len(fingerprint) == FINGERPRINT_BYTES and check is not None:
+            self.originals[resume_hash(fingerprint)] = (offset, check, path)
+
+    def copied_up_to(self, fd: int, size: int):
+        """(offset, path) when a new file is a copy of one stored up to offset: the same
+        first bytes, and the same bytes before that offset. logrotate's copytruncate
+        leaves such a copy; reading it from 0 would store its lines twice."""
+        if size < FINGERPRINT_BYTES:
+            return None
+        original = self.originals.get(resume_hash(os.pread(fd, FINGERPRINT_BYTES, 0)))
+        if original is None or original[0] > size:
+            return None
+        offset, check, path = original
+        start = max(0, offset - RESUME_CHECK_BYTES)
+        if resume_hash(os.pread(fd, offset - start, start)) != check:
+            return None
+        return offset, path
 
     def resumes(self, row: StoredFile, fd: int, size: int) -> bool:
         """Is this file the one the row describes? First bytes and the bytes before the offset."""
@@ -2373,6 +2405,7 @@ class Tailer:
         log.debug("stored %d entries and the offsets of %d files", self.added, len(files))
         for t, row in zip(touched, files):
             t.offset, t.fingerprint, t.check, t.part, t.format = row[5:10]
+            self.remember_original(t.fingerprint, t.offset, t.check, t.path)
         self.added = 0
         self.touched = {}
         self.gone = []

@@ -456,6 +456,42 @@ def test_copytruncate_rereads_from_start(tailer, logdir, db):
     assert query(db, "SELECT count(*) FROM files") == [(1,)]
 
 
+def copytruncate(log, copy):
+    """What logrotate's copytruncate does: copy the file, then truncate it in place."""
+    copy.write_bytes(log.read_bytes())
+    with open(log, "r+b") as file:
+        file.truncate(0)
+
+
+def test_copytruncate_copy_left_in_directory_is_not_read_twice(tailer, logdir, db):
+    daemon = tailer()
+    log = logdir / "app.log"
+    append(log, numbered(0, 2000))
+    wait_for(lambda: len(raws(db)) == 2000, 10, "the first lines", lambda: len(raws(db)))
+    os.kill(daemon.proc.pid, signal.SIGSTOP)    # the tailer falls behind...
+    try:
+        append(log, numbered(2000, 2500))
+        copytruncate(log, logdir / "app.log.1")     # ...and the rotation comes meanwhile
+        append(log, numbered(2500, 2600))
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+    wait_for(lambda: len(raws(db)) >= 2600, 10, "every line", lambda: len(raws(db)))
+    assert numbers_of(raws(db)) == list(range(2600))
+    assert "a copy of" in daemon.stderr
+
+
+def test_copytruncate_while_stopped_is_not_read_twice(logdir, db):
+    log = logdir / "app.log"
+    log.write_bytes(numbered(0, 2000))
+    assert run_once(logdir, db).returncode == 0
+    append(log, numbered(2000, 2500))
+    copytruncate(log, logdir / "app.log.1")
+    append(log, numbered(2500, 2600))
+    result = run_once(logdir, db)
+    assert result.returncode == 0, result.stderr
+    assert numbers_of(raws(db)) == list(range(2600))
+
+
 def test_restart_after_rotation_done_while_stopped(binding, logdir, db):
     log = logdir / "app.log"
     log.write_bytes(b"one\ntwo\n")
