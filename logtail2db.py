@@ -2,6 +2,7 @@
 """logtail2db: tail a directory of log files into SQLite, exactly once.
 
 Usage: logtail2db.py [options] DIRECTORY DATABASE
+       logtail2db.py --stats [--max-lag BYTES] DATABASE
 
 Guarantees:
   - every complete line of every file in DIRECTORY is stored once, never twice;
@@ -13,26 +14,27 @@ Guarantees:
   - it runs on the standard library alone (inotifyx is used when installed).
 
 Exit status: 0 on success or on SIGTERM/SIGINT, 1 on a fatal error (one line
-"logtail2db: error: ..." on stderr), 2 on a usage error.
+"logtail2db: error: ..." on stderr), 2 on a usage error, 3 when --stats finds a
+file lagging by more than --max-lag.
 """
 
 from __future__ import annotations
 
 import argparse
+import array
 import collections
 import errno
 import fcntl
 import fnmatch
-import array
 import hashlib
 import itertools
 import json
 import logging
+import marshal
 import os
 import re
 import resource
 import select
-import marshal
 import signal
 import socket
 import sqlite3
@@ -265,10 +267,10 @@ def read_complete(fd: int, offset: int, size: int = READ_CHUNK):
         offset: where to start.
         size: how much to read at most.
     Returns:
-        (data, end): data holds whole lines only (it ends with b"\\n", or is empty
-        when no newline came yet), end = offset + len(data). The raw bytes read
-        past the last newline are returned as a third item so that a caller can
-        tell a line that is longer than it may hold.
+        (data, end, rest): data holds whole lines only (it ends with b"\\n", or is
+        empty when no newline came yet), end = offset + len(data), and rest is what
+        was read past the last newline, so that a caller can tell a line longer than
+        it may hold.
     """
     chunk = os.pread(fd, size, offset)
     cut = chunk.rfind(b"\n") + 1
