@@ -1194,9 +1194,10 @@ PRAGMA user_version = 2;
 """,
 }
 
-# Rows come in three shapes (see EntryBuilder), by their length. Absent values are "", -1 and 0, made NULL
-# here: CPython's sqlite3 binds None through an adapter lookup, which made inserts twice as
-# slow (4.1 against 2.1 us a row, measured), while str and int are bound directly.
+# Rows come in three shapes (see EntryBuilder), told by their length. Absent values are
+# "", -1 and 0, made NULL here: CPython's sqlite3 binds None through an adapter lookup,
+# which made inserts twice as slow (4.1 against 2.1 us a row, measured), while str and
+# int are bound directly.
 INSERT_ROW = {
     3: "INSERT INTO entries (file_id, offset, raw) VALUES (?, ?, ?)",
     8: "INSERT INTO entries (file_id, offset, ts, host, program, pid, raw, msg_at)"

@@ -186,6 +186,13 @@ def raws(db):
     return [row[0] for row in query(db, "SELECT CAST(raw AS BLOB) FROM entries ORDER BY id")]
 
 
+def by_hand(db, script: str):
+    """Change a database as another hand than the tailer's would."""
+    conn = sqlite3.connect(db)
+    conn.executescript(script)
+    conn.close()
+
+
 def append(path, data: bytes):
     with open(path, "ab") as file:
         file.write(data)
@@ -510,10 +517,7 @@ def test_changed_device_number_resumes_by_inode_and_path(logdir, db):
     log = logdir / "app.log"
     log.write_bytes(b"one\ntwo\n")
     assert run_once(logdir, db).returncode == 0
-    conn = sqlite3.connect(db)
-    conn.execute("UPDATE files SET dev = dev + 1")     # as after a reboot that renumbered it
-    conn.commit()
-    conn.close()
+    by_hand(db, "UPDATE files SET dev = dev + 1")      # as after a reboot that renumbered it
     append(log, b"three\n")
     result = run_once(logdir, db)
     assert result.returncode == 0, result.stderr
@@ -905,11 +909,7 @@ def test_unreadable_file_is_warned_about_and_retried(binding, logdir, db, tmp_pa
 
 
 def test_newer_schema_is_refused_and_left_untouched(logdir, db):
-    conn = sqlite3.connect(db)
-    conn.execute("PRAGMA user_version = 99")
-    conn.execute("CREATE TABLE future (x)")
-    conn.commit()
-    conn.close()
+    by_hand(db, "PRAGMA user_version = 99; CREATE TABLE future (x)")
     before = db.read_bytes()
     result = run_once(logdir, db)
     assert result.returncode == 1
@@ -920,10 +920,7 @@ def test_newer_schema_is_refused_and_left_untouched(logdir, db):
 
 
 def test_sqlite_database_of_another_program_is_left_untouched(logdir, db):
-    conn = sqlite3.connect(db)
-    conn.execute("CREATE TABLE customers (name)")
-    conn.commit()
-    conn.close()
+    by_hand(db, "CREATE TABLE customers (name)")
     before = db.read_bytes()
     result = run_once(logdir, db)
     assert result.returncode == 1
@@ -1346,10 +1343,7 @@ def test_keep_deletes_old_entries_and_keeps_offsets(tailer, logdir, db):
 def test_keep_ages_entries_without_time_by_when_they_were_stored(logdir, db):
     (logdir / "plain.txt").write_bytes(b"stored long ago\n")
     assert run_once(logdir, db).returncode == 0
-    conn = sqlite3.connect(db)
-    conn.execute("UPDATE ingested SET at = '2001-01-01 00:00:00'")   # as if stored then
-    conn.commit()
-    conn.close()
+    by_hand(db, "UPDATE ingested SET at = '2001-01-01 00:00:00'")    # as if stored then
     append(logdir / "plain.txt", b"stored now\n")
     assert run_once("--keep", "1d", logdir, db).returncode == 0
     assert raws(db) == [b"stored now"]
@@ -1473,13 +1467,9 @@ PRAGMA user_version = 1;
 
 
 def test_older_schema_is_migrated_in_one_transaction(logdir, db, tmp_path):
-    conn = sqlite3.connect(db)
-    conn.executescript(V1_SCHEMA)
-    conn.execute("INSERT INTO files (id, path, offset, fingerprint, first_seen, updated) "
-                 "VALUES (1, '/old/app.log', 4, x'', '2026-01-01', '2026-01-01')")
-    conn.execute("INSERT INTO entries (file_id, offset, raw) VALUES (1, 0, 'old')")
-    conn.commit()
-    conn.close()
+    by_hand(db, V1_SCHEMA + "INSERT INTO files (id, path, offset, fingerprint, first_seen, "
+            "updated) VALUES (1, '/old/app.log', 4, x'', '2026-01-01', '2026-01-01');"
+            "INSERT INTO entries (file_id, offset, raw) VALUES (1, 0, 'old');")
     (logdir / "app.log").write_bytes(b"new\n")
     result = run_once(logdir, db)
     assert result.returncode == 0, result.stderr
@@ -1493,11 +1483,7 @@ def test_older_schema_is_migrated_in_one_transaction(logdir, db, tmp_path):
 
 
 def test_failed_migration_leaves_the_database_as_it_was(logdir, db):
-    conn = sqlite3.connect(db)
-    conn.executescript(V1_SCHEMA)
-    conn.execute("CREATE TABLE logs (x)")       # in the way of the view that version 2 adds
-    conn.commit()
-    conn.close()
+    by_hand(db, V1_SCHEMA + "CREATE TABLE logs (x);")  # in the way of version 2's view
     before = query(db, "SELECT name FROM sqlite_master ORDER BY name")
     result = run_once(logdir, db)
     assert result.returncode == 1
