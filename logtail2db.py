@@ -895,7 +895,7 @@ ParseOptions = collections.namedtuple(
     "ParseOptions", "format pattern multiline_start max_entry_bytes max_entry_lines")
 # One encoder for every row: json.dumps() with options builds a new one per call.
 FIELDS_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-DEFAULT_PARSE = ParseOptions("plain", None, None, MAX_ENTRY_BYTES, 500)
+DEFAULT_PARSE = ParseOptions("plain", None, None, MAX_ENTRY_BYTES, MAX_ENTRY_LINES)
 
 
 class EntryBuilder:
@@ -1620,13 +1620,13 @@ class Tracked:
 
     __slots__ = ("id", "name", "path", "path_bytes", "dev", "ino", "fd", "first_seen",
                  "offset", "fingerprint", "check", "part", "format", "pos", "builder", "size",
-                 "last_data", "gone")
+                 "last_data")
 
-    def __init__(self, id, name, path, dev, ino, fd, first_seen):
+    def __init__(self, id: int, dev: int, ino: int, first_seen: str):
         self.id = id
-        self.name = name            # its name in DIRECTORY, None once renamed away or deleted
-        self.path, self.path_bytes = path, None
-        self.dev, self.ino, self.fd = dev, ino, fd
+        self.name = None            # its name in DIRECTORY, None once renamed away or deleted
+        self.path, self.path_bytes = None, None     # as stored: text, and bytes if not UTF-8
+        self.dev, self.ino, self.fd = dev, ino, None
         self.first_seen = first_seen
         # Committed: what the database says.
         self.offset, self.fingerprint, self.check, self.part, self.format = 0, b"", None, None, None
@@ -1635,7 +1635,6 @@ class Tracked:
         self.builder = None
         self.size = 0               # size at the last read
         self.last_data = time.monotonic()
-        self.gone = None            # when it was found deleted; the next commit records it
 
     def __repr__(self):
         return f"<Tracked {self.id} {shown(self.name)} offset={self.offset} pos={self.pos}>"
@@ -2031,7 +2030,7 @@ class Tailer:
             if row is not None:
                 log.info("%s: its device number changed (%d -> %d); resuming it by inode and "
                          "path", shown(name), row.dev, st.st_dev)
-        t = Tracked(None, None, None, st.st_dev, st.st_ino, None, utc_now())
+        t = Tracked(None, st.st_dev, st.st_ino, utc_now())
         self.opened(t, fd)
         if row is not None and self.resumes(row, fd, st.st_size):
             t.id, t.first_seen = row.id, row.first_seen
