@@ -666,6 +666,21 @@ def test_database_inside_the_directory_is_never_read(tailer, logdir):
     assert query(db, "SELECT path FROM files") == [(str(logdir / "app.log"),)]
 
 
+def test_its_own_stderr_in_the_directory_is_never_read(binding, logdir, db):
+    errors = logdir / "logtail2db.err"      # cron: 2>>/var/log/app/logtail2db.err
+    with open(errors, "ab") as stderr:
+        proc = subprocess.Popen([*binding, "-v", str(logdir), str(db)], stderr=stderr)
+    try:
+        wait_for(lambda: b"watching" in errors.read_bytes(), 20, "the tailer to start")
+        for n in range(5):      # each commit logs a line at -v: read, it would feed itself
+            append(logdir / "app.log", b"line %d\n" % n)
+            wait_for(lambda: len(raws(db)) == n + 1, 10, f"line {n}", lambda: raws(db))
+        assert query(db, "SELECT path FROM files") == [(str(logdir / "app.log"),)]
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
 def test_over_long_line_is_stored_in_pieces(tailer, logdir, db):
     daemon = tailer("--max-entry-bytes", "1000")
     line = bytes(random.Random(1).choices(b"abcdefgh\xc3\xa9", k=3500)).replace(b"\xc3\xc3", b"xx")
