@@ -1951,8 +1951,9 @@ class Tailer:
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
         if not stat.S_ISREG(st.st_mode) or key in self.skip:
-            if not stat.S_ISREG(st.st_mode):
-                self.warn_once(name, "special", logging.INFO, "%s: not a regular file, skipped")
+            if not stat.S_ISREG(st.st_mode):    # a subdirectory is usual: no need to say so
+                level = logging.DEBUG if stat.S_ISDIR(st.st_mode) else logging.INFO
+                self.warn_once(name, "special", level, "%s: not a regular file, skipped")
             os.close(fd)
             return
         if self.warned:
