@@ -1180,6 +1180,8 @@ PRAGMA user_version = 2;
 
 # version -> the script that brings a database from it to version + 1, run in one
 # transaction; a test checks that migrating ends with the schema a new database gets.
+# The statements repeat schema.sql's on purpose: a migration is history, and stays as
+# written when the schema moves on.
 MIGRATIONS = {
     1: """
 CREATE TABLE ingested (
@@ -1835,12 +1837,7 @@ class Tailer:
         """Read what the events and deadlines call for, and store it in one transaction."""
         if time.monotonic() >= self.rescan_at and not self.directory_missing:
             self.scan()
-        dirty, self.dirty = self.dirty, {}
-        closed = []
-        for name, mask in dirty.items():
-            self.refresh(name, mask)
-            if mask & IN_CLOSE_WRITE and name in self.names:
-                closed.append(self.names[name])
+        closed = self.take_events()
         self.read_pending()
         for t in closed:
             if t in self.holders and t not in self.pending:
@@ -1865,10 +1862,19 @@ class Tailer:
         for t in self.tracked.values():
             self.close(t)
 
-    def last_round(self, deadline: float) -> None:
+    def take_events(self) -> list:
+        """Bring every name that had events up to date; returns the files whose writer
+        closed them (IN_CLOSE_WRITE)."""
         dirty, self.dirty = self.dirty, {}
+        closed = []
         for name, mask in dirty.items():
             self.refresh(name, mask)
+            if mask & IN_CLOSE_WRITE and name in self.names:
+                closed.append(self.names[name])
+        return closed
+
+    def last_round(self, deadline: float) -> None:
+        self.take_events()
         for t in self.tracked.values():
             if t.fd is not None:
                 self.pending[t] = None
@@ -2199,11 +2205,9 @@ class Tailer:
             if busy is not None and busy is not t:
                 return False, 0     # its turn with the worker comes after this backlog's
             used = self.read_bulk(t, budget, st)
-            if self.worker is not None and self.worker.file is t:
-                self.stats["bytes"] += used
-                return False, used     # the run goes on in the next round
+        running = self.worker is not None and self.worker.file is t   # on in the next round
         window = max(READ_CHUNK, self.parse_options.max_entry_bytes)
-        while used < budget and t.pos < st.st_size:
+        while not running and used < budget and t.pos < st.st_size:
             data, end, rest = read_complete(t.fd, t.pos, window)
             if data:
                 self.add_rows(t, t.builder.feed(data, t.pos, st.st_mtime))
@@ -2223,7 +2227,7 @@ class Tailer:
             self.touched[t] = None
         self.stats["bytes"] += used
         t.size = st.st_size
-        return used < budget, used
+        return used < budget and not running, used
 
     def read_bulk(self, t: Tracked, budget: int, st) -> int:
         """Take up to budget bytes of a big backlog from the parse worker; it parses on
