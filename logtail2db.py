@@ -61,6 +61,11 @@ READ_CHUNK = 1 << 20            # bytes per pread(); a chunk's lines are parsed 
 ROUND_BYTES = 8 << 20           # bytes read per loop round before committing and looking at signals
 FINGERPRINT_BYTES = 1024        # first bytes kept per file to tell a reused inode from the same file
 RESUME_CHECK_BYTES = 4096       # bytes before the offset whose hash is checked before resuming
+ORIGINAL_KEY_BYTES = 64         # first bytes by which a new file's possible originals are found
+MAX_CHECKPOINTS = 96            # (offset, hash) pairs per followed file, for its copies, before
+RECENT_CHECKPOINTS = 16         # ...thinning to the last ones and older ones spaced out
+MAX_REMEMBERED = 256            # files whose content left, kept to recognise their copies
+COPY_QUIET_S = 5.0              # a possible copy nobody closed is complete after this much quiet
 MAX_ENTRY_BYTES = 1 << 20       # default --max-entry-bytes
 BUSY_TIMEOUT_S = 0.5            # short, so that a locked database never delays a SIGTERM past 2 s
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 30.0   # back-off when a commit fails (disk full, locked)
@@ -232,31 +237,240 @@ def get_events(fd: int) -> list:
 
 # File identity and reader #####################################################
 
-# What became of a tracked file since we last looked; see classify().
-UNCHANGED, GROWN, TRUNCATED, REPLACED = "unchanged", "grown", "truncated", "replaced"
+# A file's state in the files table, in its column order: loaded at the start, committed
+# with the entries it covers, remembered when its content leaves.
+FileState = collections.namedtuple(
+    "FileState", "id path path_bytes dev ino offset fingerprint resume_hash part format "
+                 "first_seen updated gone")
+
+# A file whose content may show up again as a copy (copytruncate, logrotate's copy, cp): one
+# followed now (live: it may still be read further), or one whose content left its inode or
+# DIRECTORY. checkpoints are (offset, tail_hash) pairs in ascending order, the last one where
+# what is stored (live: read) of it ends.
+Original = collections.namedtuple("Original", "id path format fingerprint checkpoints live")
+
+# A file as it is now, gathered for identify(): its inode and path (as in FileState), its size,
+# its first FINGERPRINT_BYTES bytes, {offset: tail_hash} for the offsets hash_offsets() asks
+# for, and whether its writer is done with it (it closed it after its last write, or it has
+# been quiet for COPY_QUIET_S).
+Look = collections.namedtuple("Look", "dev ino path size head hashes complete")
+
+# What a file is, for identify(). A file something is stored of (classify()):
+UNCHANGED = "unchanged"     # nothing new to read
+GROWN = "grown"             # more to read from its offset
+TRUNCATED = "truncated"     # shrank below its offset: what was stored of it left the inode
+REPLACED = "replaced"       # its first bytes, or those before its offset, are not those stored
+# A file nothing is stored of (copy_of()):
+NEW = "new"                 # read it from its start
+COPY = "copy"               # a copy of an original stored up to offset: read it from there
+UNDECIDED = "undecided"     # it agrees with an original so far: read nothing of it yet
+
+Verdict = collections.namedtuple("Verdict", "kind offset original")
 
 
-def classify(offset: int, fingerprint: bytes, size: int, head: bytes) -> str:
-    """Decide what became of a file with this (dev, ino), one verdict per rotation case.
+def path_columns(path: bytes) -> dict:
+    """The path and path_bytes columns of a file's state, for its absolute path."""
+    try:
+        return {"path": path.decode("utf-8"), "path_bytes": None}
+    except UnicodeDecodeError:
+        return {"path": shown(path), "path_bytes": path}
+
+
+def stored_original(state: FileState) -> Original:
+    """A stored file as what a copy of it would be checked against."""
+    known = state.offset and state.resume_hash is not None
+    checkpoints = ((state.offset, state.resume_hash),) if known else ()
+    return Original(state.id, state.path, state.format, state.fingerprint, checkpoints, False)
+
+
+def tail_bytes(fd: int, offset: int) -> bytes | None:
+    """The RESUME_CHECK_BYTES before offset (all of them when fewer), or None when the file
+    no longer reaches offset."""
+    start = max(0, offset - RESUME_CHECK_BYTES)
+    data = os.pread(fd, offset - start, start)
+    return data if len(data) == offset - start else None
+
+
+def digest(tail: bytes) -> bytes:
+    return hashlib.blake2b(tail, digest_size=8).digest()
+
+
+def tail_hash(fd: int, offset: int) -> bytes | None:
+    """A hash of the bytes before offset (see tail_bytes()), None when the file no longer
+    reaches offset. With the first bytes, it tells that a file still holds what was read
+    of it up to offset."""
+    tail = tail_bytes(fd, offset)
+    return None if tail is None else digest(tail)
+
+
+def thin_checkpoints(checkpoints: list, pos: int) -> list:
+    """The checkpoints worth keeping: the last RECENT_CHECKPOINTS, and older ones spaced out
+    in proportion to their distance from pos, a few dozen however long the file. A copy ends
+    where its original was a moment ago (logrotate copies, syncs, then truncates): it finds
+    one a little below its end. Which ones stay does not depend on when this runs: the first
+    checkpoint past a multiple of 4 KiB << k stays while it is within 4 such steps of pos."""
+    kept, previous = [], 0
+    for offset, value in checkpoints[:-RECENT_CHECKPOINTS]:
+        level = ((offset >> 12) ^ (previous >> 12)).bit_length() - 1
+        if level >= 0 and 4 << (12 + level) >= pos - offset:
+            kept.append((offset, value))
+            previous = offset
+    return kept + checkpoints[-RECENT_CHECKPOINTS:]
+
+
+def agrees(fingerprint: bytes, head: bytes) -> bool:
+    """Whether two files' first bytes are the same as far as both go."""
+    size = min(len(fingerprint), len(head))
+    return fingerprint[:size] == head[:size]
+
+
+def hash_offsets(known, originals, size: int) -> set:
+    """The offsets whose tail_hash() identify() needs for a file of this size."""
+    offsets = set()
+    if known is not None and 0 < known.offset < size and known.resume_hash is not None:
+        offsets.add(known.offset)
+    for original in originals:
+        below = [offset for offset, _ in original.checkpoints if offset <= size]
+        if below:
+            offsets.add(below[-1])
+    return offsets
+
+
+def classify(known, look: Look) -> str:
+    """What became of a file something is stored of, one verdict per rotation case.
 
     Args:
-        offset: the committed offset (or read position) in the file.
-        fingerprint: the first bytes of the file as stored (up to FINGERPRINT_BYTES).
-        size: the file's size now.
-        head: the file's first len(fingerprint) bytes now.
+        known: its stored state (or, while it is followed, the state at its read position):
+            offset, fingerprint (its first bytes, up to FINGERPRINT_BYTES) and resume_hash
+            (the tail_hash() at offset, None when unknown).
+        look: the file now.
     Returns:
-        REPLACED when the first bytes differ (a reused inode, or a file truncated and
-        written again past its old first bytes): read it from 0 as new content;
-        TRUNCATED when it shrank below the offset (copytruncate): read it from 0;
-        GROWN when there is more to read; UNCHANGED otherwise.
+        TRUNCATED when it shrank below the offset (copytruncate, or emptied by hand);
+        REPLACED when its first bytes, or the bytes before the offset, are not the ones
+        stored (a reused inode, or truncated and written again past the offset): either
+        way what was stored of it left the inode, and what is there now is new;
+        GROWN when there is more to read from the offset; UNCHANGED otherwise.
     """
-    if head != fingerprint:
-        return REPLACED
-    if size < offset:
+    if look.size < known.offset:
         return TRUNCATED
-    if size > offset:
-        return GROWN
-    return UNCHANGED
+    if not look.head.startswith(known.fingerprint):
+        return REPLACED
+    if look.size == known.offset:
+        return UNCHANGED
+    if known.resume_hash is not None and look.hashes.get(known.offset) != known.resume_hash:
+        return REPLACED
+    return GROWN
+
+
+def copy_of(original: Original, look: Look) -> Verdict:
+    """Whether a file nothing is stored of is a copy of original (whose first bytes agree).
+
+    A copy that reaches where the original is stored up to, with the same bytes before that
+    offset, is a copy up to there. One still shorter stays UNDECIDED while it may be a copy
+    still being written, and while its original is live (its bytes are read from the original,
+    never from both). Once complete, a shorter one is a copy of its whole self when it agrees
+    at a checkpoint past the first bytes (logrotate's copy missed lines the tailer had already
+    read from the original): a file that merely starts like another one is never skipped.
+    """
+    final, final_hash = original.checkpoints[-1]
+    if look.size >= final:
+        if look.hashes.get(final) != final_hash:
+            return Verdict(NEW, 0, None)
+        return Verdict(COPY, final, original) if not original.live else Verdict(UNDECIDED, 0, None)
+    below = [checkpoint for checkpoint in original.checkpoints if checkpoint[0] <= look.size]
+    if below and look.hashes.get(below[-1][0]) != below[-1][1]:
+        return Verdict(NEW, 0, None)
+    if original.live or not look.complete:
+        return Verdict(UNDECIDED, 0, None)
+    if below and (below[-1][0] == look.size or below[-1][0] > FINGERPRINT_BYTES):
+        return Verdict(COPY, look.size, original)
+    return Verdict(NEW, 0, None)
+
+
+def identify(known, look: Look, originals=()) -> Verdict:
+    """Decide what a file that appears or changes is, from what is gathered about it.
+
+    Args:
+        known: what is stored of this inode: its row (it describes the file when their
+            (dev, ino) are the same, or their inode and path when a reboot renumbered the
+            device), or while it is followed the state at its read position (see
+            classify()); None when nothing is stored of it.
+        look: the file now, with the hashes hash_offsets() asks for.
+        originals: the originals whose first bytes agree with the file's (for a file
+            nothing is stored of).
+    Returns:
+        A Verdict: for a known file, classify()'s verdict at its offset; else COPY of an
+        original up to an offset, UNDECIDED while it may yet turn out to be a copy, or NEW.
+    """
+    if known is not None and ((known.dev, known.ino) == (look.dev, look.ino)
+                              or (known.ino, known.path) == (look.ino, look.path)):
+        return Verdict(classify(known, look), known.offset, None)
+    verdicts = [copy_of(original, look) for original in originals
+                if original.checkpoints and agrees(original.fingerprint, look.head)]
+    copies = [verdict for verdict in verdicts if verdict.kind == COPY]
+    if copies:
+        return max(copies, key=lambda verdict: verdict.offset)
+    if any(verdict.kind == UNDECIDED for verdict in verdicts):
+        return Verdict(UNDECIDED, 0, None)
+    return Verdict(NEW, 0, None)
+
+
+class Originals:
+    """What a file nothing is stored of may be a copy of, found by first bytes: the files
+    followed (live) and the last MAX_REMEMBERED whose content left."""
+
+    def __init__(self):
+        self.live = {}          # id -> Tracked (anything with .state and .original())
+        self.remembered = collections.OrderedDict()     # id -> Original, oldest first
+        self.by_key = collections.defaultdict(set)      # first ORIGINAL_KEY_BYTES -> ids
+        self.keys = {}          # id -> its key in by_key, None when its fingerprint is shorter
+
+    def _index(self, id: int, fingerprint: bytes) -> None:
+        key = fingerprint[:ORIGINAL_KEY_BYTES] if len(fingerprint) >= ORIGINAL_KEY_BYTES else None
+        if self.keys.get(id, False) != key:
+            self._unindex(id)
+            self.keys[id] = key
+            self.by_key[key].add(id)
+
+    def _unindex(self, id: int) -> None:
+        if id in self.keys:
+            ids = self.by_key[self.keys.pop(id)]
+            ids.discard(id)
+
+    def follow(self, t) -> None:
+        """t is followed: index it by its first bytes, once something of it is stored."""
+        if t.state.fingerprint:
+            self.live[t.state.id] = t
+            self._index(t.state.id, t.head)
+
+    def unfollow(self, id: int) -> None:
+        if self.live.pop(id, None) is not None:
+            self._unindex(id)
+
+    def remember(self, original: Original) -> None:
+        self.unfollow(original.id)
+        if not (original.fingerprint and original.checkpoints):
+            return      # nothing a copy could be checked against
+        self.remembered[original.id] = original
+        self._index(original.id, original.fingerprint)
+        while len(self.remembered) > MAX_REMEMBERED:
+            self._unindex(self.remembered.popitem(last=False)[0])
+
+    def agreeing(self, head: bytes, size: int) -> list:
+        """The originals whose first bytes agree with head, of a file of this size."""
+        if len(head) >= ORIGINAL_KEY_BYTES:
+            ids = self.by_key.get(head[:ORIGINAL_KEY_BYTES], set()) | self.by_key.get(None, set())
+        else:
+            ids = self.keys     # a short head may agree with any
+        found = []
+        for id in ids:
+            source = self.live.get(id)
+            if source is not None:
+                if agrees(source.head, head):
+                    found.append(source.original(at=size))
+            elif agrees(self.remembered[id].fingerprint, head):
+                found.append(self.remembered[id])
+        return found
 
 
 def read_complete(fd: int, offset: int, size: int = READ_CHUNK):
@@ -283,10 +497,6 @@ def open_file(path: bytes, follow_symlinks: bool):
     if not follow_symlinks:
         flags |= os.O_NOFOLLOW
     return os.open(path, flags)
-
-
-def resume_hash(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=8).digest()
 
 
 def utf8_boundary(data: bytes, cut: int) -> int:
@@ -1216,7 +1426,6 @@ UPSERT_FILE = (
     " fingerprint = excluded.fingerprint, resume_hash = excluded.resume_hash,"
     " part = excluded.part, format = excluded.format, updated = excluded.updated,"
     " gone = excluded.gone")
-MARK_GONE = "UPDATE files SET gone = ? WHERE id = ?"
 MARK_INGESTED = ("INSERT OR IGNORE INTO ingested (at, first_id)"
                  " SELECT ?, coalesce(max(id), 0) + 1 FROM entries")
 # An entry is older than the cutoff by its own time, or when it has none, by when it was
@@ -1236,13 +1445,8 @@ CREATE TRIGGER entries_fts_delete AFTER DELETE ON entries BEGIN
 END;
 INSERT INTO entries_fts (entries_fts) VALUES ('rebuild');
 """
-SELECT_FILES = (
-    "SELECT id, path, path_bytes, dev, ino, offset, fingerprint, resume_hash, part, format,"
-    " first_seen FROM files WHERE gone IS NULL")
-
-StoredFile = collections.namedtuple(
-    "StoredFile",
-    "id path path_bytes dev ino offset fingerprint resume_hash part format first_seen")
+SELECT_FILES = ("SELECT id, path, path_bytes, dev, ino, offset, fingerprint, resume_hash, part,"
+                " format, first_seen, updated, gone FROM files")
 
 
 def utc_now() -> str:
@@ -1377,7 +1581,14 @@ class Store:
         return result
 
     def files(self) -> list:
-        return [StoredFile(*row) for row in self.conn.execute(SELECT_FILES)]
+        """The states of the files followed (not gone)."""
+        return [FileState(*row) for row in self.conn.execute(SELECT_FILES + " WHERE gone IS NULL")]
+
+    def gone_files(self, limit: int) -> list:
+        """The states of the files found gone last, the latest first."""
+        return [FileState(*row) for row in self.conn.execute(
+            SELECT_FILES + " WHERE gone IS NOT NULL ORDER BY gone DESC, id DESC LIMIT ?",
+            (limit,))]
 
     def max_file_id(self) -> int:
         return self.conn.execute("SELECT coalesce(max(id), 0) FROM files").fetchone()[0]
@@ -1400,22 +1611,19 @@ class Store:
             self.conn.execute(MARK_INGESTED, (utc_now(),))
             self.marked_at = time.monotonic()
 
-    def commit(self, files: list, gone: list = ()) -> None:
-        """Store the files' new state with the entries added since begin(), atomically.
+    def commit(self, states: list) -> None:
+        """Store the files' new states with the entries added since begin(), atomically.
 
         Args:
-            files: rows in UPSERT_FILE column order: each file's offset covers
-                exactly the entries stored for it, in this transaction and before.
-            gone: (time, file_id) of files found deleted.
+            states: FileStates: each file's offset covers exactly the entries stored
+                for it, in this transaction and before; gone set for files gone.
         Raises:
             sqlite3.Error, the transaction then rolled back: nothing of it is stored.
         """
         try:
             if not self.conn.in_transaction:
                 self.begin()
-            self.conn.executemany(UPSERT_FILE, files)
-            if gone:
-                self.conn.executemany(MARK_GONE, gone)
+            self.conn.executemany(UPSERT_FILE, states)
             self.conn.execute("COMMIT")
         except BaseException:
             self.rollback()
@@ -1618,28 +1826,62 @@ def _receive_exactly(sock: socket.socket, size: int) -> bytearray:
 
 
 class Tracked:
-    """A file identity being followed: where it is, what is stored, what is read."""
+    """A file being followed: its state as committed, how far it is read, what is held."""
 
-    __slots__ = ("id", "name", "path", "path_bytes", "dev", "ino", "fd", "first_seen",
-                 "offset", "fingerprint", "check", "part", "format", "pos", "builder", "size",
-                 "last_data")
+    __slots__ = ("state", "name", "fd", "pos", "head", "builder", "size", "last_data",
+                 "checkpoints", "candidate", "closed")
 
-    def __init__(self, id: int, dev: int, ino: int, first_seen: str):
-        self.id = id
+    def __init__(self, state: FileState, last_data: float):
+        self.state = state          # as committed; for a file not stored yet, as it will be
         self.name = None            # its name in DIRECTORY, None once renamed away or deleted
-        self.path, self.path_bytes = None, None     # as stored: text, and bytes if not UTF-8
-        self.dev, self.ino, self.fd = dev, ino, None
-        self.first_seen = first_seen
-        # Committed: what the database says.
-        self.offset, self.fingerprint, self.check, self.part, self.format = 0, b"", None, None, None
-        # Read: entries in the batch or held by the builder end at pos.
-        self.pos = 0
+        self.fd = None
+        self.pos = state.offset     # entries in the batch or held by the builder end here
+        self.head = state.fingerprint   # its first bytes as read, FINGERPRINT_BYTES at most
         self.builder = None
-        self.size = 0               # size at the last read
-        self.last_data = time.monotonic()
+        self.size = 0               # its size when last looked at
+        self.last_data = last_data  # when its size last changed
+        self.checkpoints = []       # (offset, tail_hash) after its last reads, for its copies
+        if state.offset and state.resume_hash is not None:
+            self.checkpoints.append((state.offset, state.resume_hash))
+        self.candidate = False      # nothing of it is stored and it may be a copy: decide()
+        self.closed = False         # its writer closed it after writing (IN_CLOSE_WRITE)
+
+    @property
+    def id(self) -> int:
+        return self.state.id
+
+    def position(self) -> FileState:
+        """The state to check the file against before reading on: what is read of it."""
+        last = self.checkpoints[-1] if self.checkpoints else (None, None)
+        return self.state._replace(offset=self.pos, fingerprint=self.head,
+                                   resume_hash=last[1] if last[0] == self.pos else None)
+
+    def checkpoint(self, tail: bytes) -> None:
+        """Note the hash of the bytes before the read position (tail, as read), for the
+        file to be checked against before it is read on, and for its copies."""
+        while self.checkpoints and self.checkpoints[-1][0] >= self.pos:
+            self.checkpoints.pop()      # read again after a rollback
+        if self.pos:
+            self.checkpoints.append((self.pos, digest(tail)))
+            if len(self.checkpoints) > MAX_CHECKPOINTS:
+                self.checkpoints = thin_checkpoints(self.checkpoints, self.pos)
+
+    def original(self, live: bool = True, at: int = None) -> Original:
+        """This file as what a copy of it would be checked against; a live one also at
+        offset at (the size of the file checked), read from this file itself when it still
+        starts as it did: a file that merely starts like it then differs at once."""
+        checkpoints = [cp for cp in self.checkpoints if cp[0] <= self.pos]
+        if at and self.fd is not None and os.pread(self.fd, len(self.head), 0) == self.head:
+            value = tail_hash(self.fd, at)
+            if value is not None:
+                checkpoints = [cp for cp in checkpoints if cp[0] < at] + [(at, value)]
+                checkpoints += [cp for cp in self.checkpoints if at < cp[0] <= self.pos]
+        return Original(self.state.id, self.state.path, self.builder.format if self.builder
+                        else self.state.format, self.head, tuple(checkpoints), live)
 
     def __repr__(self):
-        return f"<Tracked {self.id} {shown(self.name)} offset={self.offset} pos={self.pos}>"
+        return (f"<Tracked {self.state.id} {shown(self.name)} offset={self.state.offset} "
+                f"pos={self.pos}>")
 
 
 class Tailer:
@@ -1655,15 +1897,17 @@ class Tailer:
         self.stamps = Stamps()
         self.tracked = {}       # (dev, ino) -> Tracked: files followed, fd open or not
         self.names = {}         # name -> Tracked found under that name
-        self.resumable = {}     # (dev, ino) -> StoredFile: known to the database, not yet found
+        self.resumable = {}     # (dev, ino) -> FileState: known to the database, not yet found
         self.by_path = {}       # (path, ino) -> (dev, ino) of resumable: for a changed st_dev
-        self.originals = {}     # hash of a full fingerprint -> (offset, check, path) as stored:
-                                # a new file that starts so is a copy (copytruncate)
+        self.originals = Originals()    # what a new file may be a copy of
+        self.undecided = {}     # Tracked -> when to look again (None: at its next event):
+                                # files that may be copies still being written
         self.dirty = {}         # name -> inotify mask gathered since the last round
         self.pending = {}       # Tracked -> None: more to read (an ordered set)
         self.touched = {}       # Tracked -> None: state to store in the next commit
         self.added = 0          # entries in the open transaction
-        self.gone = []          # (time, id) of stored files found gone
+        self.departed = []      # (FileState, rows): files whose content left, to be
+                                # committed as gone with the last entries read of them
         self.detached = {}      # Tracked -> None: no longer under any name, read until quiet
         self.holders = set()    # Tracked whose builder holds back a last entry
         self.link_watches = {}  # wd -> names: watches on symlink targets (--follow-symlinks)
@@ -1744,14 +1988,24 @@ class Tailer:
             self.skip.add((st.st_dev, st.st_ino))
 
     def load(self) -> None:
-        """Files the database follows in DIRECTORY, to be matched while scanning."""
+        """Files the database follows in DIRECTORY, to be matched while scanning, and the
+        ones whose content left it lately, whose copies may still show up."""
+        for state in self.store.files():
+            path = self.in_directory(state)
+            if path is not None:
+                self.resumable[(state.dev, state.ino)] = state
+                self.by_path[(path, state.ino)] = (state.dev, state.ino)
+        for state in reversed(self.store.gone_files(MAX_REMEMBERED)):
+            if self.in_directory(state) is not None:
+                self.originals.remember(stored_original(state))
+
+    def in_directory(self, state: FileState) -> bytes | None:
+        """The path of a stored file when it is in DIRECTORY itself, else None."""
+        path = state.path_bytes if state.path_bytes is not None else os.fsencode(state.path)
         prefix = self.directory + b"/"
-        for row in self.store.files():
-            path = row.path_bytes if row.path_bytes is not None else os.fsencode(row.path)
-            if path.startswith(prefix) and b"/" not in path[len(prefix):]:
-                self.resumable[(row.dev, row.ino)] = row
-                self.by_path[(path, row.ino)] = (row.dev, row.ino)
-                self.remember_original(row.fingerprint, row.offset, row.resume_hash, row.path)
+        if path.startswith(prefix) and b"/" not in path[len(prefix):]:
+            return path
+        return None
 
     # -- the loop --------------------------------------------------------------
 
@@ -1798,6 +2052,7 @@ class Tailer:
             due.append(self.prune_at)
         for t in self.holders:
             due.append(t.last_data + HOLD_S)
+        due.extend(again for again in self.undecided.values() if again is not None)
         if self.detached:
             due.append(now + DETACHED_POLL_S)
         return max(0.0, min(due) - now)
@@ -1838,6 +2093,7 @@ class Tailer:
         if time.monotonic() >= self.rescan_at and not self.directory_missing:
             self.scan()
         closed = self.take_events()
+        self.look_again(time.monotonic())
         self.read_pending()
         for t in closed:
             if t in self.holders and t not in self.pending:
@@ -1859,6 +2115,11 @@ class Tailer:
                         "will be read again on the next start")
         if self.worker is not None:
             self.worker.close()
+        for t, again in self.undecided.items():
+            log.log(logging.INFO if again is not None else logging.DEBUG,
+                    "%s: not read: it may be a copy%s", shown(t.name or t.state.path),
+                    " still being written (it is decided when it is complete)"
+                    if again is not None else " of a file still followed")
         for t in self.tracked.values():
             self.close(t)
 
@@ -1869,8 +2130,11 @@ class Tailer:
         closed = []
         for name, mask in dirty.items():
             self.refresh(name, mask)
-            if mask & IN_CLOSE_WRITE and name in self.names:
-                closed.append(self.names[name])
+            t = self.names.get(name)
+            if t is not None and mask & (IN_CLOSE_WRITE | IN_MODIFY):
+                t.closed = bool(mask & IN_CLOSE_WRITE)
+                if t.closed:
+                    closed.append(t)
         return closed
 
     def last_round(self, deadline: float) -> None:
@@ -1915,7 +2179,7 @@ class Tailer:
                 self.lose_name(name)
         for name in sorted(names):
             t = self.names.get(name)
-            if t is not None and t.ino == names[name]:
+            if t is not None and t.state.ino == names[name]:
                 self.pending[t] = None      # cheap: read() stats it and returns if unchanged
                 continue
             self.refresh(name, NAME_CHANGES)
@@ -1924,9 +2188,10 @@ class Tailer:
                 self.close_idle()
         if startup:
             self.starting = False
-            for key, row in list(self.resumable.items()):
-                log.info("%s: gone while stopped; its unread bytes, if any, are lost", row.path)
-                self.gone.append((utc_now(), row.id))
+            for key, state in list(self.resumable.items()):
+                log.info("%s: gone while stopped; its unread bytes, if any, are lost",
+                         state.path)
+                self.depart(state, stored_original(state))
                 del self.resumable[key]
 
     def refresh(self, name: bytes, mask: int) -> None:
@@ -1984,13 +2249,10 @@ class Tailer:
 
     def set_name(self, t: Tracked, name: bytes) -> None:
         t.name = name
-        path = os.path.join(self.directory, name)
-        try:
-            t.path, t.path_bytes = path.decode("utf-8"), None
-        except UnicodeDecodeError:
-            t.path, t.path_bytes = shown(path), path
+        t.state = t.state._replace(**path_columns(os.path.join(self.directory, name)))
         self.detached.pop(t, None)
-        self.touched[t] = None
+        if not t.candidate:
+            self.touched[t] = None
 
     def watch_link(self, name: bytes, path: bytes) -> None:
         """A followed symlink's target changes without events in DIRECTORY: watch it too."""
@@ -2026,80 +2288,119 @@ class Tailer:
             self.pending[t] = None
 
     def track(self, name: bytes, fd: int, st) -> Tracked:
-        """Follow a file seen for the first time since the start: resume it or begin it."""
-        key = (st.st_dev, st.st_ino)
-        row = self.resumable.pop(key, None)
-        if row is None:
-            # Device numbers can change across a reboot (LVM, some network and virtual
-            # filesystems): the same inode under the same path, checked below, is the file.
-            old = self.by_path.get((os.path.join(self.directory, name), st.st_ino))
-            row = self.resumable.pop(old, None) if old is not None else None
-            if row is not None:
-                log.info("%s: its device number changed (%d -> %d); resuming it by inode and "
-                         "path", shown(name), row.dev, st.st_dev)
-        t = Tracked(None, st.st_dev, st.st_ino, utc_now())
+        """Follow an inode seen for the first time since the start: resume what is stored of
+        it, or begin it; whether a file nothing is stored of is a copy, decide() settles."""
+        path = os.path.join(self.directory, name)
+        known = self.stored_state(st, path)
+        now = time.monotonic()
+        t = Tracked(self.new_state(st, **path_columns(path)) if known is None else
+                    known._replace(dev=st.st_dev, ino=st.st_ino, **path_columns(path)),
+                    now - max(0.0, time.time() - st.st_mtime))
         self.opened(t, fd)
-        if row is not None and self.resumes(row, fd, st.st_size):
-            t.id, t.first_seen = row.id, row.first_seen
-            t.offset, t.fingerprint, t.check, t.part, t.format = (
-                row.offset, row.fingerprint, row.resume_hash, row.part, row.format)
-            if row.offset > st.st_size:
-                log.info("%s: shrank below its offset while stopped; reading it again",
-                         shown(name))
-                t.offset = 0
-        else:
-            if row is not None:
-                log.info("%s: a new file under a reused inode; reading it from the start",
-                         shown(name))
-                self.gone.append((utc_now(), row.id))
-            t.id = self.next_id
-            self.next_id += 1
-            copied = self.copied_up_to(fd, st.st_size)
-            if copied is not None:
-                t.offset, source = copied
-                log.info("%s: a copy of %s (copytruncate); what it holds before offset %d is "
-                         "stored already", shown(name), source, t.offset)
-            elif self.starting and self.options.from_end:
-                t.offset = last_line_end(fd, st.st_size)
-        t.pos = t.offset
+        self.tracked[(st.st_dev, st.st_ino)] = t
         t.size = st.st_size
+        if known is not None and (known.offset or known.fingerprint):
+            hashes = {offset: tail_hash(fd, offset)
+                      for offset in hash_offsets(known, (), st.st_size)}
+            verdict = identify(known, self.look(t, st, hashes))
+            if verdict.kind not in (UNCHANGED, GROWN):
+                log.info("%s: %s while stopped; reading it from the start", shown(name),
+                         "truncated" if verdict.kind == TRUNCATED else "its first bytes changed "
+                         "(rewritten, or a new file under a reused inode)")
+                self.depart(known, stored_original(known))
+                self.begin_again(t, st)
+            else:
+                self.originals.follow(t)
+        elif self.starting and self.options.from_end and known is None:
+            t.pos = last_line_end(fd, st.st_size)
+            t.head = os.pread(fd, FINGERPRINT_BYTES, 0)
+            t.state = t.state._replace(offset=t.pos)
+        else:
+            t.candidate = True
         t.builder = self.new_builder(t)
-        log.debug("%s: file %d, from offset %d of %d", shown(name), t.id, t.offset, st.st_size)
-        self.tracked[key] = t
-        self.touched[t] = None
+        log.debug("%s: file %d, from offset %d of %d%s", shown(name), t.id, t.pos, st.st_size,
+                  " (maybe a copy)" if t.candidate else "")
+        if not t.candidate:
+            self.touched[t] = None
         return t
 
-    def remember_original(self, fingerprint: bytes, offset: int, check, path: str) -> None:
-        if len(fingerprint) == FINGERPRINT_BYTES and check is not None:
-            self.originals[resume_hash(fingerprint)] = (offset, check, path)
+    def stored_state(self, st, path: bytes) -> FileState | None:
+        """The state stored for this inode: by (dev, ino), or by inode and path when a
+        reboot renumbered the device (LVM, some network and virtual filesystems)."""
+        state = self.resumable.pop((st.st_dev, st.st_ino), None)
+        if state is None:
+            old = self.by_path.get((path, st.st_ino))
+            state = self.resumable.pop(old, None) if old is not None else None
+            if state is not None:
+                log.info("%s: its device number changed (%d -> %d); resuming it by inode and "
+                         "path", shown(path), state.dev, st.st_dev)
+        return state
 
-    def copied_up_to(self, fd: int, size: int):
-        """(offset, path) when a new file is a copy of one stored up to offset: the same
-        first bytes, and the same bytes before that offset. logrotate's copytruncate
-        leaves such a copy; reading it from 0 would store its lines twice."""
-        if size < FINGERPRINT_BYTES:
-            return None
-        original = self.originals.get(resume_hash(os.pread(fd, FINGERPRINT_BYTES, 0)))
-        if original is None or original[0] > size:
-            return None
-        offset, check, path = original
-        start = max(0, offset - RESUME_CHECK_BYTES)
-        if resume_hash(os.pread(fd, offset - start, start)) != check:
-            return None
-        return offset, path
+    def new_state(self, st, path: str, path_bytes: bytes | None) -> FileState:
+        """The state of a file nothing is stored of, under a new id."""
+        self.next_id += 1
+        now = utc_now()
+        return FileState(self.next_id - 1, path, path_bytes, st.st_dev, st.st_ino, offset=0,
+                         fingerprint=b"", resume_hash=None, part=None, format=None,
+                         first_seen=now, updated=now, gone=None)
 
-    def resumes(self, row: StoredFile, fd: int, size: int) -> bool:
-        """Is this file the one the row describes? First bytes and the bytes before the offset."""
-        if os.pread(fd, len(row.fingerprint), 0) != row.fingerprint:
+    def begin_again(self, t: Tracked, st) -> None:
+        """The inode's content is new: follow it as a new file, read from its start."""
+        t.state = self.new_state(st, t.state.path, t.state.path_bytes)
+        t.pos, t.head, t.checkpoints, t.candidate = 0, b"", [], False
+        t.builder = self.new_builder(t)
+        self.touched[t] = None
+
+    def look(self, t: Tracked, st, hashes: dict) -> Look:
+        """Gather what identify() needs of a file besides the tail hashes: its first bytes
+        and whether it is complete."""
+        head = os.pread(t.fd, FINGERPRINT_BYTES, 0)
+        complete = t.closed or time.monotonic() - t.last_data >= COPY_QUIET_S or t.name is None
+        return Look(st.st_dev, st.st_ino, t.state.path, st.st_size, head, hashes, complete)
+
+    def decide(self, t: Tracked, st) -> bool:
+        """Settle whether a file nothing is stored of is a copy of an original (see
+        copy_of()); True once it may be read, from 0 or from where the copy's original is
+        stored up to."""
+        look = self.look(t, st, {})
+        originals = self.originals.agreeing(look.head, st.st_size)
+        look = look._replace(hashes={offset: tail_hash(t.fd, offset)
+                                     for offset in hash_offsets(None, originals, st.st_size)})
+        verdict = identify(None, look, originals)
+        if verdict.kind == UNDECIDED:
+            if t not in self.undecided:
+                log.debug("%s: may be a copy; read once that is settled", shown(t.name))
+            self.undecided[t] = None if look.complete else t.last_data + COPY_QUIET_S
             return False
-        if row.offset > size or row.resume_hash is None:
-            return True     # shrank (copytruncate): read again from 0 as the same file
-        start = max(0, row.offset - RESUME_CHECK_BYTES)
-        return resume_hash(os.pread(fd, row.offset - start, start)) == row.resume_hash
+        self.undecided.pop(t, None)
+        t.candidate = False
+        if verdict.kind == COPY:
+            original = verdict.original
+            t.pos = verdict.offset
+            t.head = look.head[:verdict.offset]
+            t.checkpoints = [(t.pos, tail_hash(t.fd, t.pos))]
+            t.state = t.state._replace(offset=t.pos, format=original.format)
+            t.builder = self.new_builder(t)
+            log.info("%s: a copy of %s; its first %d bytes are stored already", shown(t.name),
+                     original.path, t.pos)
+        self.touched[t] = None
+        return True
+
+    def depart(self, state: FileState, original: Original, rows=()) -> None:
+        """A stored file's content left DIRECTORY or its inode: commit it as gone with the
+        last entries read of it, and remember it for a copy that may show up."""
+        self.departed.append((state._replace(gone=utc_now()), rows))
+        self.originals.remember(original)
+        self.requeue_undecided()
+
+    def requeue_undecided(self) -> None:
+        """The originals changed: look at the files that may be copies again."""
+        for t in self.undecided:
+            self.pending[t] = None
 
     def new_builder(self, t: Tracked) -> EntryBuilder:
         self.holders.discard(t)
-        return EntryBuilder(t.id, self.parse_options, self.stamps, t.format, t.part)
+        return EntryBuilder(t.id, self.parse_options, self.stamps, t.state.format, t.state.part)
 
     def opened(self, t: Tracked, fd: int) -> None:
         if len(self.open) >= self.max_open:
@@ -2152,18 +2453,25 @@ class Tailer:
             self.dirty[name] = NAME_CHANGES     # gone or changed: refresh() sorts it out
             return False
         st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != (t.dev, t.ino):
+        if (st.st_dev, st.st_ino) != (t.state.dev, t.state.ino):
             os.close(fd)
             self.dirty[name] = NAME_CHANGES
             return False
         self.opened(t, fd)
         return True
 
+    def look_again(self, now: float) -> None:
+        """Possible copies that may have become complete since: decide() them again."""
+        for t, again in self.undecided.items():
+            if again is not None and now >= again:
+                self.pending[t] = None
+
     def read_pending(self) -> None:
         """Read queued files, ROUND_BYTES at most per round so that signals stay prompt,
-        and no more files than may stay open until the commit."""
+        and no more files than may stay open until the commit. Possible copies come last:
+        their originals may have been truncated (and remembered) in the same round."""
         budget = ROUND_BYTES
-        for t in list(self.pending):
+        for t in sorted(self.pending, key=lambda t: t.candidate):
             if budget <= 0 or len(self.touched) >= self.max_open // 2:
                 return
             try:
@@ -2182,21 +2490,23 @@ class Tailer:
             return True, 0
         st = os.fstat(t.fd)
         self.open.move_to_end(t)
-        head = os.pread(t.fd, len(t.fingerprint), 0) if t.fingerprint else b""
-        verdict = classify(t.pos, t.fingerprint, st.st_size, head)
-        if verdict in (TRUNCATED, REPLACED):
-            if self.worker is not None and self.worker.file is t:
-                self.worker.cancel()
-            log.info("%s: %s; reading it again from the start", shown(t.name or t.path),
-                     "truncated" if verdict == TRUNCATED else "rewritten")
-            self.add_rows(t, t.builder.flush())
-            t.pos, t.fingerprint, t.part = 0, b"", None
-            if self.parse_options.format == "auto":
-                t.format = None     # new content: decide its format again
-            t.builder = self.new_builder(t)
-            self.touched[t] = None
-        elif verdict == UNCHANGED:
+        if st.st_size != t.size:
+            t.last_data = time.monotonic()
             t.size = st.st_size
+        if t.candidate and not self.decide(t, st):
+            return True, 0      # it may be a copy still being written: nothing read yet
+        known = t.position()
+        # The bytes before the position: their hash checks the file, and the hash after
+        # reading is taken from them and what is read, never from a file truncated meanwhile.
+        tail = tail_bytes(t.fd, t.pos) if st.st_size > t.pos else None
+        look = self.look(t, st, {} if tail is None else {t.pos: digest(tail)})
+        verdict = identify(known, look)
+        if verdict.kind in (TRUNCATED, REPLACED):
+            self.start_over(t, verdict.kind, st)
+            tail = b""
+        if len(t.head) < FINGERPRINT_BYTES:
+            t.head = look.head      # the first bytes of what is read from now on
+        if verdict.kind == UNCHANGED:
             return True, 0
         used = 0
         busy = self.worker.file if self.worker is not None else None
@@ -2205,6 +2515,8 @@ class Tailer:
             if busy is not None and busy is not t:
                 return False, 0     # its turn with the worker comes after this backlog's
             used = self.read_bulk(t, budget, st)
+            if used:
+                tail = tail_bytes(t.fd, t.pos)
         running = self.worker is not None and self.worker.file is t   # on in the next round
         window = max(READ_CHUNK, self.parse_options.max_entry_bytes)
         while not running and used < budget and t.pos < st.st_size:
@@ -2214,20 +2526,39 @@ class Tailer:
             elif len(rest) >= self.parse_options.max_entry_bytes:
                 if t.builder.part is None:
                     log.warning("%s: a line at offset %d is longer than %d bytes; stored in "
-                                "pieces", shown(t.name or t.path), t.pos,
+                                "pieces", shown(t.name or t.state.path), t.pos,
                                 self.parse_options.max_entry_bytes)
                 piece = rest[:utf8_boundary(rest, self.parse_options.max_entry_bytes)]
                 self.add_rows(t, t.builder.feed_piece(piece, t.pos))
                 end = t.pos + len(piece)
             else:
                 break       # a partial last line: it waits for its newline
+            if tail is not None:
+                tail = (tail + (data or piece)[-RESUME_CHECK_BYTES:])[-RESUME_CHECK_BYTES:]
             used += end - t.pos
             t.pos = end
             t.last_data = time.monotonic()
             self.touched[t] = None
+        if used and tail is not None:
+            t.checkpoint(tail)
         self.stats["bytes"] += used
-        t.size = st.st_size
         return used < budget and not running, used
+
+    def start_over(self, t: Tracked, verdict: str, st) -> None:
+        """What was stored of a followed file left its inode (copytruncate, or truncated and
+        rewritten): store the entry its builder holds, remember it for its copy, and read
+        what the inode holds now as a new file."""
+        if self.worker is not None and self.worker.file is t:
+            self.worker.cancel()
+        log.info("%s: %s; reading it again from the start", shown(t.name or t.state.path),
+                 "truncated" if verdict == TRUNCATED else "rewritten")
+        rows = t.builder.flush()
+        self.holders.discard(t)
+        final = t.position()._replace(fingerprint=t.head[:t.pos], part=t.builder.part,
+                                      format=t.builder.format)
+        self.touched.pop(t, None)
+        self.depart(final, t.original(live=False), rows)
+        self.begin_again(t, st)
 
     def read_bulk(self, t: Tracked, budget: int, st) -> int:
         """Take up to budget bytes of a big backlog from the parse worker; it parses on
@@ -2278,23 +2609,28 @@ class Tailer:
                 del self.detached[t]
             elif now - t.last_data < ROTATE_WAIT_S or t in self.holders:
                 self.pending[t] = None
-            elif t not in self.pending and t not in self.touched and t.pos >= t.size:
+            elif (t not in self.pending and t not in self.touched
+                  and (t.pos >= t.size or t.candidate)):
                 del self.detached[t]
                 self.forget(t)
 
     def forget(self, t: Tracked) -> None:
-        """Stop following a file that left DIRECTORY, once all of it is read."""
+        """Stop following a file that left DIRECTORY, once all of it is read (a possible
+        copy that never settled was all in its original)."""
         deleted = t.fd is not None and os.fstat(t.fd).st_nlink == 0
         self.close(t)
-        del self.tracked[(t.dev, t.ino)]
+        del self.tracked[(t.state.dev, t.state.ino)]
         self.touched.pop(t, None)
+        self.undecided.pop(t, None)
+        if t.candidate:
+            return
         if deleted:
-            self.gone.append((utc_now(), t.id))
+            self.depart(t.state, t.original(live=False))
         else:
             # Moved out of DIRECTORY: if it comes back, it resumes where it was.
-            self.resumable[(t.dev, t.ino)] = StoredFile(
-                t.id, t.path, t.path_bytes, t.dev, t.ino, t.offset, t.fingerprint,
-                t.check, t.part, t.format, t.first_seen)
+            self.resumable[(t.state.dev, t.state.ino)] = t.state
+            self.originals.remember(t.original(live=False))
+            self.requeue_undecided()
 
     def lose_directory(self) -> None:
         """DIRECTORY was deleted or moved away: read what is open, look for it again."""
@@ -2388,43 +2724,51 @@ class Tailer:
 
     # -- storing ---------------------------------------------------------------
 
-    def file_row(self, t: Tracked, now: str):
+    def committed_state(self, t: Tracked, now: str) -> FileState:
+        """t's state once the open transaction is committed: its offset just past what is
+        stored of it (the entry its builder holds is not), with that offset's tail hash."""
         offset = t.builder.held_offset(t.pos)
-        fingerprint = t.fingerprint
-        if t.fd is not None and len(fingerprint) < min(offset, FINGERPRINT_BYTES):
-            fingerprint = os.pread(t.fd, min(offset, FINGERPRINT_BYTES), 0)
-        start = max(0, offset - RESUME_CHECK_BYTES)
-        check = resume_hash(os.pread(t.fd, offset - start, start)) if t.fd is not None else None
-        return (t.id, t.path, t.path_bytes, t.dev, t.ino, offset, fingerprint, check,
-                t.builder.part, t.builder.format, t.first_seen, now, None)
+        last = t.checkpoints[-1] if t.checkpoints else (None, None)
+        if last[0] == offset:
+            digest = last[1]
+        else:
+            digest = tail_hash(t.fd, offset) if t.fd is not None else None
+        return t.state._replace(offset=offset, fingerprint=t.head[:offset], resume_hash=digest,
+                                part=t.builder.part, format=t.builder.format, updated=now)
 
     def commit(self) -> None:
-        """Store the open transaction with the files' new offsets."""
-        if not (self.added or self.touched or self.gone):
+        """Store the open transaction with the files' new offsets, and the files gone."""
+        if not (self.added or self.touched or self.departed):
             return
+        now = utc_now()
         touched = list(self.touched)
-        files = [self.file_row(t, utc_now()) for t in touched]
-        self.store.commit(files, self.gone)
+        states = [self.committed_state(t, now) for t in touched]
+        for _, rows in self.departed:
+            if rows:
+                self.store.add(rows)
+                self.added += len(rows)
+        self.store.commit(states + [state for state, _ in self.departed])
         if self.retry_s != RETRY_MIN_S:
             log.warning("database writable again; storing resumed")
             self.retry_s = RETRY_MIN_S
         self.stats["entries"] += self.added
-        log.debug("stored %d entries and the offsets of %d files", self.added, len(files))
-        for t, row in zip(touched, files):
-            t.offset, t.fingerprint, t.check, t.part, t.format = row[5:10]
-            self.remember_original(t.fingerprint, t.offset, t.check, t.path)
+        log.debug("stored %d entries and the offsets of %d files", self.added, len(states))
+        for t, state in zip(touched, states):
+            t.state = state
+            self.originals.follow(t)
         self.added = 0
         self.touched = {}
-        self.gone = []
+        self.departed = []
 
     def rewind(self) -> None:
-        """Roll back the open transaction: every file read in it goes back to its offset."""
+        """Roll back the open transaction: every file read in it goes back to its offset
+        (the files gone, with the last entries read of them, are committed next time)."""
         if self.worker is not None:
             self.worker.cancel()
         self.store.rollback()
         self.added = 0
         for t in self.touched:      # stays touched: new files still need their row
-            t.pos = t.offset
+            t.pos = t.state.offset
             t.builder = self.new_builder(t)
             self.pending[t] = None
 

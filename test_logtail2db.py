@@ -5,11 +5,13 @@ every wait polls with a deadline (wait_for), none sleeps and hopes.
 """
 
 import calendar
+import collections
 import errno
 import json
 import os
 import random
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -229,16 +231,123 @@ def test_libc_call_raises_oserror_with_errno(tmp_path):
         os.close(fd)
 
 
-@pytest.mark.parametrize("offset,fingerprint,size,head,verdict", [
-    (10, b"abc", 10, b"abc", lt.UNCHANGED),
-    (10, b"abc", 25, b"abc", lt.GROWN),
-    (10, b"abc", 4, b"abc", lt.TRUNCATED),       # copytruncate, then a short write
-    (10, b"abc", 0, b"", lt.REPLACED),            # copytruncate: empty now
-    (10, b"abc", 30, b"xyz", lt.REPLACED),        # inode reused, or rewritten past the offset
-    (0, b"", 5, b"", lt.GROWN),                   # an empty file is tracked at once
-])
-def test_classify(offset, fingerprint, size, head, verdict):
-    assert lt.classify(offset, fingerprint, size, head) == verdict
+def stored(offset=10, fingerprint=b"abc", resume_hash=b"h@10", dev=1, ino=5,
+           path="/logs/app.log"):
+    """A file's stored state, for identify(): hashes are stand-ins named for their offset."""
+    return lt.FileState(7, path, None, dev, ino, offset, fingerprint, resume_hash, None, "plain",
+                        "2026-12-02 11:00:00", "2026-12-02 11:00:00", None)
+
+
+def seen(size, head=b"abc", hashes=None, complete=True, dev=1, ino=5, path="/logs/app.log"):
+    return lt.Look(dev, ino, path, size, head, hashes or {}, complete)
+
+
+def original(*checkpoints, fingerprint=b"abc", live=False):
+    """An original stored up to its last checkpoint (by default 10 bytes)."""
+    checkpoints = checkpoints or (10,)
+    return lt.Original(3, "/logs/app.log", "syslog", fingerprint,
+                       tuple((offset, b"h@%d" % offset) for offset in checkpoints), live)
+
+
+KIB = lt.FINGERPRINT_BYTES
+LONG_HEAD = b"x" * KIB
+IDENTIFY_CASES = {
+    # A file something is stored of: restarts, rotations while stopped, reused inodes.
+    "restart, nothing new": (stored(), seen(10), (), lt.UNCHANGED, 10),
+    "restart, grown": (stored(), seen(25, hashes={10: b"h@10"}), (), lt.GROWN, 10),
+    "renamed while stopped (same inode)": (
+        stored(), seen(25, hashes={10: b"h@10"}, path="/logs/app.log.1"), (), lt.GROWN, 10),
+    "device number changed by a reboot": (
+        stored(dev=1), seen(25, hashes={10: b"h@10"}, dev=2), (), lt.GROWN, 10),
+    "another inode with that path": (stored(), seen(25, ino=6), (), lt.NEW, 0),
+    "inode reused by another file": (stored(), seen(30, head=b"xyz"), (), lt.REPLACED, 10),
+    "truncated, then a short write": (stored(), seen(4), (), lt.TRUNCATED, 10),
+    "truncated to empty (copytruncate)": (stored(), seen(0, head=b""), (), lt.TRUNCATED, 10),
+    "same first 4 KiB, rewritten past the offset": (
+        stored(), seen(30, hashes={10: b"other"}), (), lt.REPLACED, 10),
+    "followed, the bytes before the offset unknown": (
+        stored(resume_hash=None), seen(25), (), lt.GROWN, 10),
+    # A file nothing is stored of: new, or a copy (copytruncate, logrotate's copy, cp).
+    "new file, no originals": (None, seen(25), (), lt.NEW, 0),
+    "copy reaching the stored offset": (
+        None, seen(10, hashes={10: b"h@10"}), (original(),), lt.COPY, 10),
+    "copy holding more than was read of the original": (
+        None, seen(50, hashes={10: b"h@10"}), (original(),), lt.COPY, 10),
+    "copy, empty so far": (None, seen(0, head=b"", complete=False), (original(),),
+                           lt.UNDECIDED, 0),
+    "copy under 1 KiB still being written": (
+        None, seen(5, head=b"abc", complete=False), (original(),), lt.UNDECIDED, 0),
+    "copy still being written, past a checkpoint": (
+        None, seen(3000, head=LONG_HEAD, hashes={2000: b"h@2000"}, complete=False),
+        (original(2000, 4000, fingerprint=LONG_HEAD),), lt.UNDECIDED, 0),
+    "complete copy shorter than what was read (lines read before the truncation)": (
+        None, seen(3000, head=LONG_HEAD, hashes={2000: b"h@2000"}),
+        (original(2000, 4000, fingerprint=LONG_HEAD),), lt.COPY, 3000),
+    "complete copy ending at a checkpoint": (
+        None, seen(500, hashes={500: b"h@500"}), (original(500, 900),), lt.COPY, 500),
+    "starts like the original, differs at its stored offset": (
+        None, seen(50, hashes={10: b"other"}), (original(),), lt.NEW, 0),
+    "same banner, then other lines": (
+        None, seen(3000, head=LONG_HEAD, hashes={2000: b"other"}),
+        (original(2000, 4000, fingerprint=LONG_HEAD),), lt.NEW, 0),
+    "only the banner, complete, shorter than the original": (
+        None, seen(5, head=b"abc"), (original(),), lt.NEW, 0),
+    "only the first KiB agrees, complete": (
+        None, seen(1500, head=LONG_HEAD, hashes={900: b"h@900"}),
+        (original(900, 4000, fingerprint=LONG_HEAD),), lt.NEW, 0),
+    "copy of a file still followed (logrotate's copy)": (
+        None, seen(50, hashes={10: b"h@10"}), (original(live=True),), lt.UNDECIDED, 0),
+    "the agreeing original wins": (
+        None, seen(50, hashes={10: b"h@10", 20: b"other"}),
+        (original(20), original(10)), lt.COPY, 10),
+    "first bytes differ from every original": (
+        None, seen(50, head=b"xyz", hashes={10: b"h@10"}), (original(),), lt.NEW, 0),
+}
+
+
+@pytest.mark.parametrize("known,look,originals,kind,offset", IDENTIFY_CASES.values(),
+                         ids=IDENTIFY_CASES.keys())
+def test_identify(known, look, originals, kind, offset):
+    verdict = lt.identify(known, look, originals)
+    assert (verdict.kind, verdict.offset) == (kind, offset)
+
+
+def test_hash_offsets_are_the_ones_identify_reads():
+    originals = (original(500, 900, 2000), original(10))
+    assert lt.hash_offsets(stored(), originals, 1000) == {10, 900}
+    assert lt.hash_offsets(stored(), originals, 10) == {10}      # at the offset: no check
+    assert lt.hash_offsets(None, originals, 5) == set()
+
+
+@pytest.mark.parametrize("step", [46, 5000, 1 << 20])
+def test_checkpoints_stay_few_and_reach_back(step):
+    checkpoints, pos = [], 0
+    for _ in range(100_000 if step < 1000 else 3000):
+        pos += step
+        checkpoints.append((pos, b""))
+        if len(checkpoints) > lt.MAX_CHECKPOINTS:
+            checkpoints = lt.thin_checkpoints(checkpoints, pos)
+    offsets = [offset for offset, _ in checkpoints]
+    assert offsets == sorted(offsets) and offsets[-1] == pos
+    assert len(offsets) <= lt.MAX_CHECKPOINTS
+    assert offsets[0] <= pos // 2    # reaching far back...
+    for older, newer in zip(offsets, offsets[1:]):     # ...spaced by their distance from pos
+        assert newer - older <= max(8192, (pos - older) // 2) + step, (older, newer)
+
+
+def test_originals_are_found_by_their_first_bytes():
+    found = lt.Originals()
+    long_one = original(fingerprint=b"a" * 100)
+    short_one = original(fingerprint=b"ab")
+    found.remember(long_one)
+    found.remember(short_one._replace(id=4))
+    assert sorted(o.id for o in found.agreeing(b"a" * 200, 200)) == [3]
+    assert sorted(o.id for o in found.agreeing(b"ab" + b"a" * 100, 102)) == [4]
+    assert sorted(o.id for o in found.agreeing(b"a", 1)) == [3, 4]  # a short head: either
+    assert found.agreeing(b"b" * 100, 100) == []
+    for n in range(lt.MAX_REMEMBERED):
+        found.remember(original(fingerprint=b"z" * 70)._replace(id=100 + n))
+    assert found.agreeing(b"a" * 200, 200) == []    # the oldest were forgotten
 
 
 def test_read_complete_stops_at_last_newline(tmp_path):
@@ -460,7 +569,9 @@ def test_copytruncate_rereads_from_start(tailer, logdir, db):
     append(log, b"after\n")
     wait_for(lambda: raws(db) == [b"before 1", b"before 2", b"after"], 10,
              "the line after truncation", lambda: raws(db))
-    assert query(db, "SELECT count(*) FROM files") == [(1,)]
+    # What the file held before is gone from it; what it holds now is a file of its own.
+    assert query(db, "SELECT path, gone IS NULL FROM files ORDER BY id") == [
+        (str(log), 0), (str(log), 1)]
 
 
 def copytruncate(log, copy):
@@ -497,6 +608,203 @@ def test_copytruncate_while_stopped_is_not_read_twice(logdir, db):
     result = run_once(logdir, db)
     assert result.returncode == 0, result.stderr
     assert numbers_of(raws(db)) == list(range(2600))
+
+
+def test_copy_still_being_written_is_not_read_from_its_start(tailer, logdir, db):
+    daemon = tailer("-v")
+    log = logdir / "app.log"
+    append(log, numbered(0, 3000))
+    wait_for(lambda: len(raws(db)) == 3000, 10, "the first lines", lambda: len(raws(db)))
+    data = log.read_bytes()
+    with open(logdir / "app.log.1", "wb", buffering=0) as copy:   # a copy on a slow disk
+        for start in range(0, len(data), 8192):
+            copy.write(data[start:start + 8192])
+            wait_for(lambda: "may be a copy" in daemon.stderr, 10, "the copy seen",
+                     lambda: daemon.stderr)
+        with open(log, "r+b") as file:
+            file.truncate(0)
+        append(log, numbered(3000, 3010))
+        wait_for(lambda: len(raws(db)) >= 3010, 10, "the lines after the truncation",
+                 lambda: len(raws(db)))
+    wait_for(lambda: "app.log.1: a copy of" in daemon.stderr, 10, "the copy recognised",
+             lambda: daemon.stderr)
+    append(logdir / "app.log.1", b"appended to the copy\n")
+    wait_for(lambda: raws(db)[-1:] == [b"appended to the copy"], 10, "a line added to the copy",
+             lambda: raws(db)[-3:])
+    assert numbers_of(raws(db)) == list(range(3010))
+
+
+def test_copy_that_shows_up_after_a_restart_is_recognised(binding, tailer, logdir, db):
+    daemon = tailer()
+    log = logdir / "app.log"
+    append(log, numbered(0, 500))
+    wait_for(lambda: len(raws(db)) == 500, 10, "the first lines", lambda: len(raws(db)))
+    data = log.read_bytes()
+    with open(log, "r+b") as file:      # truncated first, as if the copy were slow...
+        file.truncate(0)
+    wait_for(lambda: query(db, "SELECT count(*) FROM files WHERE gone IS NOT NULL") == [(1,)],
+             10, "the truncation stored", lambda: query(db, "SELECT * FROM files"))
+    daemon.kill()
+    (logdir / "app.log.1").write_bytes(data + numbered(500, 510))  # ...which shows up later
+    result = run_once(logdir, db, command=binding)
+    assert result.returncode == 0, result.stderr
+    assert b"app.log.1: a copy of" in result.stderr
+    assert numbers_of(raws(db)) == list(range(510))
+
+
+def test_file_that_starts_like_another_is_read_in_full(tailer, logdir, db):
+    daemon = tailer("-v")
+    banner = b"".join(b"# report generator v1.2, section %02d of the banner\n" % n
+                      for n in range(30))      # longer than the first KiB compared
+    append(logdir / "a.log", banner + numbered(0, 100))
+    wait_for(lambda: len(raws(db)) == 130, 10, "the first file", lambda: len(raws(db)))
+    with open(logdir / "b.log", "wb", buffering=0) as other:   # the same banner, then its own
+        other.write(banner)
+        wait_for(lambda: "b.log: may be a copy" in daemon.stderr, 10, "b.log seen",
+                 lambda: daemon.stderr)
+        other.write(numbered(0, 5, prefix=b"other"))
+    wait_for(lambda: len(raws(db)) == 165, 10, "all of b.log", lambda: len(raws(db)))
+    assert query(db, "SELECT count(*) FROM logs WHERE path LIKE '%b.log'") == [(35,)]
+
+
+def logrotate(tmp_path, log, *directives):
+    """Rotate log now with the real logrotate binary and these directives."""
+    binary = shutil.which("logrotate") or shutil.which("logrotate", path="/usr/sbin:/sbin")
+    if binary is None:
+        pytest.fail("logrotate is not installed: apt-get install logrotate (.ci/run does)")
+    conf = tmp_path / "logrotate.conf"
+    conf.write_text(f"{log} {{\n" + "".join(f"    {d}\n" for d in directives) + "}\n")
+    result = subprocess.run([binary, "-f", "-s", str(tmp_path / "logrotate.state"), str(conf)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+class Writer(threading.Thread):
+    """Appends numbered syslog lines, some of them followed by continuation lines, at a
+    steady pace: reopening the file per line, or keeping it open (O_APPEND, so that it
+    writes at the end again after a truncation) and reopening after a rename rotation."""
+
+    def __init__(self, log, keep_open: bool, per_s: float):
+        super().__init__(daemon=True)
+        self.log, self.keep_open, self.per_s = log, keep_open, per_s
+        self.stop, self.reopen = threading.Event(), threading.Event()
+        self.written = 0
+
+    def line(self, n: int) -> bytes:
+        entry = b"Dec  2 11:32:56 web-01 app[42]: line %08d\n" % n
+        if n % 7 == 3:      # a multi-line entry, held until the next one begins
+            entry += b"    at frame %08d.1\n    at frame %08d.2\n" % (n, n)
+        return entry
+
+    def run(self):
+        file = open(self.log, "ab", buffering=0) if self.keep_open else None
+        started = time.monotonic()
+        while not self.stop.is_set():
+            if self.keep_open:
+                if self.reopen.is_set():    # like a logger told to reopen its file
+                    file.close()
+                    file = open(self.log, "ab", buffering=0)
+                    self.reopen.clear()
+                file.write(self.line(self.written))
+            else:
+                append(self.log, self.line(self.written))
+            self.written += 1
+            ahead = started + self.written / self.per_s - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)       # the writer's pace, not a wait for anything
+        if file is not None:
+            file.close()
+
+
+def lines_on_disk(*directories):
+    """Every line of the uncompressed files in these directories (and their subdirectories)."""
+    lines = []
+    for directory in directories:
+        for path in sorted(Path(directory).rglob("*")):
+            if path.is_file() and not path.name.endswith(".gz"):
+                lines += path.read_bytes().splitlines()
+    return lines
+
+
+def stored_lines(db):
+    return [line for raw in raws(db) for line in raw.split(b"\n")]
+
+
+def assert_stored_once(db, *directories):
+    """Every line found in an uncompressed file on disk is stored, and nothing twice."""
+    on_disk = set(lines_on_disk(*directories))
+    wait_for(lambda: on_disk <= set(stored_lines(db)), 20, "every line on disk stored",
+             lambda: sorted(on_disk - set(stored_lines(db)))[:5])
+    stored = stored_lines(db)
+    twice = sorted(line for line, n in collections.Counter(stored).items() if n > 1)
+    assert not twice, f"{len(twice)} lines stored twice, e.g. {twice[:3]}"
+    return len(on_disk), len(stored)
+
+
+ROTATIONS = {
+    "copytruncate": ["copytruncate", "rotate 10"],
+    "copytruncate, compress, delaycompress": ["copytruncate", "rotate 10", "compress",
+                                              "delaycompress"],
+    "create, dateext": ["create", "rotate 10", "dateext", "dateformat -%s"],
+    "create, olddir inside": ["create", "rotate 10", "olddir old", "createolddir"],
+    "copytruncate, olddir inside": ["copytruncate", "rotate 10", "olddir old", "createolddir"],
+    "create, olddir outside": ["create", "rotate 10", "olddir {outside}", "createolddir"],
+}
+
+
+@pytest.mark.parametrize("keep_open", [False, True], ids=["reopens", "keeps open"])
+@pytest.mark.parametrize("name", ROTATIONS)
+def test_real_logrotate_of_a_quiet_log(tailer, logdir, db, tmp_path, name, keep_open):
+    tailer()
+    log = logdir / "app.log"
+    outside = tmp_path / "outside"
+    directives = [d.format(outside=outside) for d in ROTATIONS[name]]
+    writer = Writer(log, keep_open, per_s=1000)
+    for rotation in range(3):
+        start = writer.written
+        for n in range(10):
+            writer.written = start + n
+            if keep_open and n == 0:
+                file = open(log, "ab", buffering=0)
+            if keep_open:
+                file.write(writer.line(start + n))
+            else:
+                append(log, writer.line(start + n))
+        writer.written = start + 10
+        before_last = set(writer.line(start + 8).splitlines())     # the last may be held
+        wait_for(lambda: before_last <= set(stored_lines(db)), 10,
+                 f"the lines before rotation {rotation}", lambda: raws(db)[-2:])
+        time.sleep(1.1 if "dateext" in name else 0)     # dateext names rotations by the second
+        logrotate(tmp_path, log, *directives)
+        if keep_open:
+            file.close()
+    assert_stored_once(db, logdir, outside)
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("keep_open", [False, True], ids=["reopens", "keeps open"])
+@pytest.mark.parametrize("name", ["copytruncate", "create, dateext"])
+def test_real_logrotate_at_2000_lines_per_second(tailer, logdir, db, tmp_path, name,
+                                                  keep_open):
+    tailer()
+    log = logdir / "app.log"
+    writer = Writer(log, keep_open, per_s=2000)
+    writer.start()
+    try:
+        for rotation in range(6):
+            seen = writer.written
+            wait_for(lambda: writer.written >= seen + 1000, 10, "the writer to go on")
+            if "dateext" in name:
+                time.sleep(1.0)     # dateext names rotations by the second
+            logrotate(tmp_path, log, *ROTATIONS[name])
+            writer.reopen.set()
+    finally:
+        writer.stop.set()
+        writer.join(10)
+    on_disk, stored = assert_stored_once(db, logdir)
+    assert on_disk > 6000       # the test saw a real stream of lines
+    print(f"{name}, {'kept open' if keep_open else 'reopened'}: {writer.written} entries "
+          f"written, {on_disk} lines on disk, {stored} stored, none twice")
 
 
 def test_restart_after_rotation_done_while_stopped(binding, logdir, db):
