@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """bench.py: how fast and how lean logtail2db is, measured in one run, shown in one table.
 
-Usage: python3 bench/bench.py [--quick] [--lines N] [--only NAME[,NAME]] [--keep]
+Usage: python3 bench/bench.py [--quick] [--lines N] [--only NAME[,NAME]] [--tool PATH] [--keep]
 
 Writes a seeded, deterministic corpus to a temporary directory (removed at the end unless
---keep), runs logtail2db.py as a subprocess for every measurement, and prints one table with
+--keep), runs logtail2db.py (the repository's, or --tool PATH) as a subprocess for every
+measurement, and prints one table with
 the issue's target next to each figure. Nothing is asserted: the exit status is 0. MB are
 10^6 bytes. The measurements (NAME for --only):
 
@@ -51,7 +52,7 @@ import threading
 import time
 import urllib.parse
 
-TOOL = pathlib.Path(__file__).resolve().parent.parent / "logtail2db.py"
+TOOL = pathlib.Path(__file__).resolve().parent.parent / "logtail2db.py"   # --tool's default
 MEASUREMENTS = ("catchup", "latency", "idle", "longline", "manyfiles")
 FULL = {"lines": 1_000_000, "latency_s": 10.0, "idle_s": 10.0, "line_mb": 200, "files": 10_000}
 QUICK = {"lines": 100_000, "latency_s": 2.0, "idle_s": 3.0, "line_mb": 20, "files": 1_000}
@@ -212,8 +213,9 @@ def run_measured(cmd: list, stdin=subprocess.DEVNULL) -> Run:
     return Run(seconds, usage.ru_maxrss * 1024 / MB, usage.ru_utime + usage.ru_stime)
 
 
-def tool(*args) -> list:
-    return [sys.executable, str(TOOL), *map(str, args)]
+def command(tool: pathlib.Path, *args) -> list:
+    """The command line that runs TOOL (a copy of logtail2db.py) with ARGS."""
+    return [sys.executable, str(tool), *map(str, args)]
 
 
 def ro_uri(db: pathlib.Path) -> str:
@@ -238,9 +240,9 @@ def db_bytes(db: pathlib.Path) -> int:
     return db.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
 
 
-def time_once(directory: pathlib.Path, db: pathlib.Path, *args) -> Run:
+def time_once(tool: pathlib.Path, directory: pathlib.Path, db: pathlib.Path, *args) -> Run:
     """`--once` over DIRECTORY into a fresh DB."""
-    return run_measured(tool("--once", *args, directory, db))
+    return run_measured(command(tool, "--once", *args, directory, db))
 
 
 def wait_for(predicate, timeout_s: float, what: str):
@@ -258,11 +260,11 @@ def wait_for(predicate, timeout_s: float, what: str):
 
 
 @contextlib.contextmanager
-def daemon(directory: pathlib.Path, db: pathlib.Path):
+def daemon(tool: pathlib.Path, directory: pathlib.Path, db: pathlib.Path, *args):
     """The tool following DIRECTORY (not yet ready), and its stderr's path; stopped after."""
     err_path = db.with_name(db.name + ".stderr")
     with open(err_path, "wb") as err:
-        proc = subprocess.Popen(tool(directory, db), stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(command(tool, *args, directory, db), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=err)
     try:
         yield proc, err_path
@@ -335,7 +337,7 @@ def rate_note(run: Run, lines: int, size: int) -> str:
     return f"{run.seconds:.2f} s, {size / MB / run.seconds:.1f} MB/s, CPU {run.cpu_s:.1f} s"
 
 
-def measure_catchup(work: pathlib.Path, lines: int) -> list:
+def measure_catchup(work: pathlib.Path, tool: pathlib.Path, lines: int) -> list:
     syslog_dir, json_dir = work / "catchup-syslog", work / "catchup-json"
     progress(f"catch-up: writing {lines:,} lines as syslog and as JSON lines")
     make_catchup_corpus(syslog_dir, json_dir, lines)
@@ -369,7 +371,7 @@ def measure_catchup(work: pathlib.Path, lines: int) -> list:
         progress(f"catch-up: --once --format {fmt}")
         db = work / f"catchup-{fmt}.db"
         try:
-            run = runs[fmt] = time_once(directory, db, "--format", fmt)
+            run = runs[fmt] = time_once(tool, directory, db, "--format", fmt)
         except BenchError as exc:
             rows.append((f"catch-up {label}", "FAILED", "", str(exc)))
             continue
@@ -447,7 +449,8 @@ def percentile(ordered: list, p: float) -> float:
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
-def measure_latency(work: pathlib.Path, kept_open: bool, duration_s: float) -> list:
+def measure_latency(work: pathlib.Path, tool: pathlib.Path, kept_open: bool,
+                    duration_s: float) -> list:
     style = "file kept open" if kept_open else "open/write/close"
     name = "latency-kept" if kept_open else "latency-reopen"
     directory, db = work / name, work / f"{name}.db"
@@ -455,7 +458,7 @@ def measure_latency(work: pathlib.Path, kept_open: bool, duration_s: float) -> l
     count = round(duration_s / WRITE_EVERY_S)
     written = [None] * count
     progress(f"latency, {style}: {count:,} lines, one per {WRITE_EVERY_S * 1000:g} ms")
-    with daemon(directory, db) as (proc, err_path):
+    with daemon(tool, directory, db) as (proc, err_path):
         wait_watching(proc, err_path)
         conn = sqlite3.connect(ro_uri(db), uri=True, isolation_level=None)
         writer = threading.Thread(target=write_paced, args=(directory / "app.log", kept_open,
@@ -485,12 +488,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure_idle(work: pathlib.Path, idle_s: float) -> list:
+def measure_idle(work: pathlib.Path, tool: pathlib.Path, idle_s: float) -> list:
     directory, db = work / "idle", work / "idle.db"
     make_small_files(directory, IDLE_FILES, IDLE_LINES)
     total = IDLE_FILES * IDLE_LINES
     progress(f"idle CPU: {IDLE_FILES} files, {idle_s:g} s")
-    with daemon(directory, db) as (proc, err_path):
+    with daemon(tool, directory, db) as (proc, err_path):
         wait_watching(proc, err_path)
         wait_for(lambda: count_rows(db) >= total, READY_S, f"all {total} lines to be stored")
         before = cpu_seconds(proc.pid)
@@ -501,12 +504,12 @@ def measure_idle(work: pathlib.Path, idle_s: float) -> list:
              f"{used:.2f} s over {idle_s:g} s, counted in ticks of {tick:g} s (target < 0.02)")]
 
 
-def measure_long_line(work: pathlib.Path, line_mb: int) -> list:
+def measure_long_line(work: pathlib.Path, tool: pathlib.Path, line_mb: int) -> list:
     directory, db = work / "longline", work / "longline.db"
     directory.mkdir()
     progress(f"peak RSS: one line of {line_mb} MB")
     make_long_line(directory / "huge.log", line_mb * 1_000_000)
-    run = time_once(directory, db)
+    run = time_once(tool, directory, db)
     return [(f"peak RSS, one {line_mb} MB line", run.rss_mb, "MB",
              f"--once {run.seconds:.2f} s, stored as {count_rows(db):,} pieces "
              "(target <= 64 MB)")]
@@ -519,13 +522,13 @@ def open_fds(pid: int) -> int:
         return 0    # it has just exited; is_watching() reports that
 
 
-def measure_many_files(work: pathlib.Path, files: int) -> list:
+def measure_many_files(work: pathlib.Path, tool: pathlib.Path, files: int) -> list:
     directory = work / "many"
     make_small_files(directory, files, MANY_LINES)
     total = files * MANY_LINES
     progress(f"many files: --once over {files:,} files")
     once_db = work / "many-once.db"
-    run = time_once(directory, once_db)
+    run = time_once(tool, directory, once_db)
     found = count_rows(once_db)
     rows = [(f"--once, {files:,} files", files / run.seconds, "files/s",
              f"{run.seconds:.2f} s, {total / run.seconds:,.0f} lines/s, peak RSS "
@@ -536,7 +539,7 @@ def measure_many_files(work: pathlib.Path, files: int) -> list:
     db = work / "many-daemon.db"
     most_fds, read_s = 0, None
     started = time.monotonic()
-    with daemon(directory, db) as (proc, err_path):
+    with daemon(tool, directory, db) as (proc, err_path):
         while True:
             most_fds = max(most_fds, open_fds(proc.pid))
             # Read the DB only once it has said "watching": it is in WAL mode by then, so a
@@ -573,12 +576,12 @@ def shown(value) -> str:
     return f"{value:.3g}"
 
 
-def header(elapsed_s: float) -> list:
-    version = subprocess.run(tool("--version"), capture_output=True, text=True)
+def header(tool: pathlib.Path, elapsed_s: float) -> list:
+    version = subprocess.run(command(tool, "--version"), capture_output=True, text=True)
     cli = shutil.which("sqlite3")
     cli_version = (subprocess.run([cli, "--version"], capture_output=True, text=True)
                    .stdout.split(" ")[0] if cli else "missing")
-    return [f"tool:    {(version.stdout or version.stderr).strip()}",
+    return [f"tool:    {(version.stdout or version.stderr).strip()}, {tool}",
             f"machine: {os.cpu_count()} CPUs, {platform.system()} {platform.release()} "
             f"{platform.machine()}, load {os.getloadavg()[0]:.2f}",
             f"python:  {platform.python_version()}, SQLite {sqlite3.sqlite_version} (module), "
@@ -608,6 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="lines in the catch-up corpus (default: 1,000,000; --quick 100,000)")
     parser.add_argument("--only", metavar="NAME[,NAME]",
                         help=f"run only these measurements: {', '.join(MEASUREMENTS)}")
+    parser.add_argument("--tool", type=pathlib.Path, default=TOOL, metavar="PATH",
+                        help="the logtail2db.py to measure (default: this repository's, "
+                             f"{TOOL})")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (corpus, databases, stderr files)")
     # Runs the Python floor in a process of its own, so its time and RSS are measured alike.
@@ -629,15 +635,18 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--only: unknown {', '.join(sorted(unknown))} "
                      f"(choose from {', '.join(MEASUREMENTS)})")
+    tool = args.tool.resolve()
+    if not tool.is_file():
+        parser.error(f"--tool: no such file: {args.tool}")
     started = time.monotonic()
     work = pathlib.Path(tempfile.mkdtemp(prefix="logtail2db-bench-"))
     steps = {
-        "catchup": lambda: measure_catchup(work, lines),
-        "latency": lambda: (measure_latency(work, False, scale["latency_s"])
-                            + measure_latency(work, True, scale["latency_s"])),
-        "idle": lambda: measure_idle(work, scale["idle_s"]),
-        "longline": lambda: measure_long_line(work, scale["line_mb"]),
-        "manyfiles": lambda: measure_many_files(work, scale["files"]),
+        "catchup": lambda: measure_catchup(work, tool, lines),
+        "latency": lambda: (measure_latency(work, tool, False, scale["latency_s"])
+                            + measure_latency(work, tool, True, scale["latency_s"])),
+        "idle": lambda: measure_idle(work, tool, scale["idle_s"]),
+        "longline": lambda: measure_long_line(work, tool, scale["line_mb"]),
+        "manyfiles": lambda: measure_many_files(work, tool, scale["files"]),
     }
     rows = []
     try:
@@ -653,7 +662,7 @@ def main(argv=None) -> int:
             progress(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    print("\n".join(header(time.monotonic() - started) + [""] + table(rows)))
+    print("\n".join(header(tool, time.monotonic() - started) + [""] + table(rows)))
     return 0
 
 
