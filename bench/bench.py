@@ -5,9 +5,9 @@ Usage: python3 bench/bench.py [--quick] [--lines N] [--only NAME[,NAME]] [--tool
 
 Writes a seeded, deterministic corpus to a temporary directory (removed at the end unless
 --keep), runs logtail2db.py (the repository's, or --tool PATH) as a subprocess for every
-measurement, and prints one table with
-the issue's target next to each figure. Nothing is asserted: the exit status is 0. MB are
-10^6 bytes. The measurements (NAME for --only):
+measurement, and prints one table, one row per figure with the issue's target next to it,
+then a summary: each target, its figure, met or NOT met. Nothing is asserted: the exit
+status is 0. MB are 10^6 bytes. The measurements (NAME for --only):
 
   catchup    wall time of `--once` over N syslog lines (4 files, --format syslog), over the
              same bytes with --format plain (the difference is the parsing cost) and over the
@@ -36,6 +36,7 @@ import collections
 import contextlib
 import json
 import math
+import operator
 import os
 import pathlib
 import platform
@@ -67,6 +68,9 @@ READY_S = 60.0                  # for the daemon to say "watching", or rows to s
 RUN_LIMIT_S = 900.0             # a --once run still going after this is killed and reported
 IDLE_FILES, IDLE_LINES = 100, 5
 MANY_LINES = 3                  # lines per file in the many-files corpus
+MAX_OPEN_FILES = 256            # the tool's --max-open-files default: log files it keeps open
+OWN_FDS = 16                    # the rest it may hold: stdio, database, -wal, -shm, inotify,
+                                # wake-up pipe, parse worker's socket, with room to spare
 MB = 1e6
 
 MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
@@ -80,6 +84,22 @@ SEQ_RE = re.compile(r"seq=([0-9]+)")
 LETTERS = bytes(b"abcdefghijklmnopqrstuvwxyz0123456789 "[i % 37] for i in range(256))
 
 Run = collections.namedtuple("Run", "seconds rss_mb cpu_s")
+# A line of the table: one figure, and the issue's target for it if it has one.
+Row = collections.namedtuple("Row", "name value unit note target", defaults=(None,))
+Target = collections.namedtuple("Target", "op bound")   # met when `value op bound` holds
+TARGET_OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt}
+
+
+def at_most(bound) -> Target:
+    return Target("<=", bound)
+
+
+def at_least(bound) -> Target:
+    return Target(">=", bound)
+
+
+def below(bound) -> Target:
+    return Target("<", bound)
 
 
 class BenchError(Exception):
@@ -342,27 +362,27 @@ def measure_catchup(work: pathlib.Path, tool: pathlib.Path, lines: int) -> list:
     progress(f"catch-up: writing {lines:,} lines as syslog and as JSON lines")
     make_catchup_corpus(syslog_dir, json_dir, lines)
     syslog_size, json_size = dir_bytes(syslog_dir), dir_bytes(json_dir)
-    rows = [("corpus: syslog", syslog_size / MB, "MB",
-             f"{lines:,} lines in {CATCHUP_FILES} files, {syslog_size / lines:.0f} B/line"),
-            ("corpus: JSON lines", json_size / MB, "MB",
-             f"the same entries, {json_size / lines:.0f} B/line")]
+    rows = [Row("corpus: syslog", syslog_size / MB, "MB",
+                f"{lines:,} lines in {CATCHUP_FILES} files, {syslog_size / lines:.0f} B/line"),
+            Row("corpus: JSON lines", json_size / MB, "MB",
+                f"the same entries, {json_size / lines:.0f} B/line")]
 
     progress("catch-up: floor, sqlite3 .import")
     floor_import = import_floor(syslog_dir, work / "floor-import.db")
     if floor_import is None:
-        rows.append(("floor: sqlite3 .import", "-", "", "skipped: no sqlite3 CLI on PATH"))
+        rows.append(Row("floor: sqlite3 .import", "-", "", "skipped: no sqlite3 CLI on PATH"))
     else:
         found = count_rows(work / "floor-import.db", "lines")
-        rows.append(("floor: sqlite3 .import", lines / floor_import.seconds, "lines/s",
-                     rate_note(floor_import, lines, syslog_size)
-                     + rows_note(found, lines)))
+        rows.append(Row("floor: sqlite3 .import", lines / floor_import.seconds, "lines/s",
+                        rate_note(floor_import, lines, syslog_size)
+                        + rows_note(found, lines)))
     progress("catch-up: floor, Python executemany")
     floor_python = run_measured([sys.executable, __file__, "--python-floor",
                                  str(syslog_dir), str(work / "floor-python.db")])
-    rows.append(("floor: Python executemany", lines / floor_python.seconds, "lines/s",
-                 rate_note(floor_python, lines, syslog_size)
-                 + f", peak RSS {floor_python.rss_mb:.0f} MB"
-                 + rows_note(count_rows(work / "floor-python.db", "lines"), lines)))
+    rows.append(Row("floor: Python executemany", lines / floor_python.seconds, "lines/s",
+                    rate_note(floor_python, lines, syslog_size)
+                    + f", peak RSS {floor_python.rss_mb:.0f} MB"
+                    + rows_note(count_rows(work / "floor-python.db", "lines"), lines)))
 
     runs = {}
     for label, directory, size, fmt in (("syslog (parsed)", syslog_dir, syslog_size, "syslog"),
@@ -373,24 +393,31 @@ def measure_catchup(work: pathlib.Path, tool: pathlib.Path, lines: int) -> list:
         try:
             run = runs[fmt] = time_once(tool, directory, db, "--format", fmt)
         except BenchError as exc:
-            rows.append((f"catch-up {label}", "FAILED", "", str(exc)))
+            rows.append(Row(f"catch-up {label}", "FAILED", "", str(exc)))
             continue
         size_on_disk = db_bytes(db)
         found = count_rows(db)
-        ratios = (", ".join(f"{floor.seconds / run.seconds:.2f}x {name} floor" for name, floor in
-                            ((".import", floor_import), ("Python", floor_python)) if floor)
-                  + (" (target >= 0.5x .import)" if fmt == "syslog" else ""))
-        rows.append((f"catch-up {label}", lines / run.seconds, "lines/s",
-                     f"{ratios}, {rate_note(run, lines, size)}, peak RSS {run.rss_mb:.0f} MB "
-                     "(target <= 64 MB)"
-                     + rows_note(found, lines)))
-        rows.append((f"DB size, {label}", size_on_disk / size, "x log bytes",
-                     f"{size_on_disk / MB:.1f} MB (.db + -wal) for {size / MB:.1f} MB of log "
-                     "(target <= 1.6x)"))
+        ratios = ", ".join(f"{floor.seconds / run.seconds:.2f}x {name} floor" for name, floor in
+                           ((".import", floor_import), ("Python", floor_python)) if floor)
+        rows.append(Row(f"catch-up {label}", lines / run.seconds, "lines/s",
+                        f"{ratios}, {rate_note(run, lines, size)}, peak RSS {run.rss_mb:.0f} MB"
+                        + rows_note(found, lines)))
+        rows.append(Row(f"DB size, {label}", size_on_disk / size, "x log bytes",
+                        f"{size_on_disk / MB:.1f} MB (.db + -wal) for {size / MB:.1f} MB of log",
+                        at_most(1.6)))
+    if "syslog" in runs and floor_import:
+        rows.append(Row("syslog (parsed) / .import", floor_import.seconds / runs["syslog"].seconds,
+                        "x", f"floor: .import {lines / floor_import.seconds:,.0f} lines/s",
+                        at_least(0.5)))
     if "syslog" in runs and "plain" in runs:
         parsed, plain = runs["syslog"].seconds, runs["plain"].seconds
-        rows.append(("parsing cost: syslog vs plain", parsed / plain, "x time",
-                     f"{parsed:.2f} s parsed vs {plain:.2f} s plain"))
+        rows.append(Row("parsing cost: syslog vs plain", parsed / plain, "x time",
+                        f"{parsed:.2f} s parsed vs {plain:.2f} s plain"))
+    if runs:
+        rows.append(Row("peak RSS, catch-up", max(run.rss_mb for run in runs.values()), "MB",
+                        "the largest of " + ", ".join(f"{fmt} {run.rss_mb:.0f} MB"
+                                                      for fmt, run in runs.items()),
+                        at_most(64)))
     return rows
 
 
@@ -474,11 +501,11 @@ def measure_latency(work: pathlib.Path, tool: pathlib.Path, kept_open: bool,
     if not ms:
         raise BenchError(f"latency, {style}: none of {count:,} lines became visible")
     missing = "" if len(seen) == count else f"; {count - len(seen):,} LINES MISSING"
-    return [(f"latency p50, {style}", percentile(ms, 50), "ms",
-             f"p95 {percentile(ms, 95):.1f} ms (target p50 <= 10 ms)"),
-            (f"latency p99, {style}", percentile(ms, 99), "ms",
-             f"max {ms[-1]:.0f} ms (a file's last syslog entry may wait ~1 s for more); "
-             f"{len(seen):,} lines seen of {count:,} written{missing} (target p99 <= 50 ms)")]
+    return [Row(f"latency p50, {style}", percentile(ms, 50), "ms",
+                f"p95 {percentile(ms, 95):.1f} ms", at_most(10)),
+            Row(f"latency p99, {style}", percentile(ms, 99), "ms",
+                f"max {ms[-1]:.0f} ms (a file's last syslog entry may wait ~1 s for more); "
+                f"{len(seen):,} lines seen of {count:,} written{missing}", at_most(50))]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -500,8 +527,8 @@ def measure_idle(work: pathlib.Path, tool: pathlib.Path, idle_s: float) -> list:
         time.sleep(idle_s)      # the interval measured, not a wait for anything
         used = cpu_seconds(proc.pid) - before
     tick = 1 / os.sysconf("SC_CLK_TCK")
-    return [(f"idle CPU, {IDLE_FILES} files", used / idle_s * 10, "CPU s per 10 s",
-             f"{used:.2f} s over {idle_s:g} s, counted in ticks of {tick:g} s (target < 0.02)")]
+    return [Row(f"idle CPU, {IDLE_FILES} files", used / idle_s * 10, "CPU s per 10 s",
+                f"{used:.2f} s over {idle_s:g} s, counted in ticks of {tick:g} s", below(0.02))]
 
 
 def measure_long_line(work: pathlib.Path, tool: pathlib.Path, line_mb: int) -> list:
@@ -510,9 +537,9 @@ def measure_long_line(work: pathlib.Path, tool: pathlib.Path, line_mb: int) -> l
     progress(f"peak RSS: one line of {line_mb} MB")
     make_long_line(directory / "huge.log", line_mb * 1_000_000)
     run = time_once(tool, directory, db)
-    return [(f"peak RSS, one {line_mb} MB line", run.rss_mb, "MB",
-             f"--once {run.seconds:.2f} s, stored as {count_rows(db):,} pieces "
-             "(target <= 64 MB)")]
+    return [Row(f"peak RSS, one {line_mb} MB line", run.rss_mb, "MB",
+                f"--once {run.seconds:.2f} s, stored as {count_rows(db):,} pieces",
+                at_most(64))]
 
 
 def open_fds(pid: int) -> int:
@@ -530,10 +557,9 @@ def measure_many_files(work: pathlib.Path, tool: pathlib.Path, files: int) -> li
     once_db = work / "many-once.db"
     run = time_once(tool, directory, once_db)
     found = count_rows(once_db)
-    rows = [(f"--once, {files:,} files", files / run.seconds, "files/s",
-             f"{run.seconds:.2f} s, {total / run.seconds:,.0f} lines/s, peak RSS "
-             f"{run.rss_mb:.0f} MB (target >= 2,000 files/s)"
-             + rows_note(found, total))]
+    rows = [Row(f"--once, {files:,} files", files / run.seconds, "files/s",
+                f"{run.seconds:.2f} s, {total / run.seconds:,.0f} lines/s, peak RSS "
+                f"{run.rss_mb:.0f} MB" + rows_note(found, total), at_least(2000))]
 
     progress(f"many files: the daemon over {files:,} files")
     db = work / "many-daemon.db"
@@ -557,12 +583,14 @@ def measure_many_files(work: pathlib.Path, tool: pathlib.Path, files: int) -> li
                 raise BenchError(f"daemon, {files:,} files: {stored:,} of {total:,} lines "
                                  f"stored after {READY_S:g} s")
             time.sleep(SAMPLE_EVERY_S)     # the sampling period
-    rows.append((f"daemon, {files:,} files", files / read_s, "files/s",
-                 f"every file read after {read_s:.2f} s, all {total:,} rows after {elapsed:.2f} s "
-                 "(the last entry of each file is held ~1 s) (target >= 2,000 files/s)"))
-    rows.append((f"daemon open fds, {files:,} files", most_fds, "fds",
-                 f"most seen, sampled every {SAMPLE_EVERY_S * 1000:g} ms; {settled_fds:,} once all "
-                 "rows were stored; --max-open-files is 256 by default (target: bounded)"))
+    rows.append(Row(f"daemon, {files:,} files", files / read_s, "files/s",
+                    f"every file read after {read_s:.2f} s, all {total:,} rows after "
+                    f"{elapsed:.2f} s (the last entry of each file is held ~1 s)",
+                    at_least(2000)))
+    rows.append(Row(f"daemon open fds, {files:,} files", most_fds, "fds",
+                    f"most seen, sampled every {SAMPLE_EVERY_S * 1000:g} ms; {settled_fds:,} once "
+                    f"all rows were stored; bounded: --max-open-files ({MAX_OPEN_FILES} by default) "
+                    f"plus {OWN_FDS} of the tool's own", at_most(MAX_OPEN_FILES + OWN_FDS)))
     return rows
 
 
@@ -589,16 +617,50 @@ def header(tool: pathlib.Path, elapsed_s: float) -> list:
             f"run:     {elapsed_s:.0f} s, seed {SEED}"]
 
 
+def shown_target(target: Target | None) -> str:
+    return "" if target is None else f"{target.op} {shown(target.bound)}"
+
+
+def verdict(row: Row) -> str:
+    """Whether ROW's figure meets its target: "met", "NOT met", or why it cannot be told."""
+    if row.value == "FAILED":
+        return "FAILED"
+    if isinstance(row.value, str):
+        return "not measured"
+    return "met" if TARGET_OPS[row.target.op](row.value, row.target.bound) else "NOT met"
+
+
+def aligned(cells: list, right: tuple = ()) -> list:
+    """CELLS (tuples of text) as lines of columns joined by " | ", the last one unpadded."""
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]) - 1)]
+    return [" | ".join([cell.rjust(width) if i in right else cell.ljust(width)
+                        for i, (cell, width) in enumerate(zip(row, widths))] + [row[-1]])
+            for row in cells]
+
+
 def table(rows: list) -> list:
-    cells = [("measurement", "value", "unit", "note")] + [
-        (name, shown(value), unit, note) for name, value, unit, note in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(3)]
-    lines = []
-    for i, (name, value, unit, note) in enumerate(cells):
-        lines.append(f"{name:<{widths[0]}} | {value:>{widths[1]}} | {unit:<{widths[2]}} | {note}")
-        if i == 0:
-            lines.append("-+-".join("-" * width for width in widths) + "-+-" + "-" * 40)
-    return lines
+    cells = [("measurement", "value", "unit", "target", "note")] + [
+        (row.name, shown(row.value), row.unit, shown_target(row.target), row.note)
+        for row in rows]
+    lines = aligned(cells, right=(1,))
+    widths = [len(cell) for cell in lines[0].split(" | ")[:-1]]
+    return lines[:1] + ["-+-".join("-" * width for width in widths) + "-+-" + "-" * 40] + lines[1:]
+
+
+def summary(rows: list) -> list:
+    """Each target with its figure and verdict, and failed measurements, under a count."""
+    judged = [(verdict(row), row) for row in rows if row.target is not None]
+    failed = [row for row in rows if row.target is None and row.value == "FAILED"]
+    marks = collections.Counter(mark for mark, _ in judged)
+    head = (f"targets: all {len(judged)} met" if marks["met"] == len(judged) else
+            f"targets: {marks['met']} of {len(judged)} met, "
+            + ", ".join(f"{marks[mark]} {mark}" for mark in ("NOT met", "not measured", "FAILED")
+                        if marks[mark]))
+    if failed:
+        head += f"; {len(failed)} measurement(s) FAILED: {', '.join(row.name for row in failed)}"
+    cells = [(mark, row.name, f"{shown(row.value)} {row.unit}".strip(), shown_target(row.target))
+             for mark, row in judged]
+    return [head] + (aligned(cells) if cells else [])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -656,13 +718,14 @@ def main(argv=None) -> int:
                     rows += steps[name]()
                 except BenchError as exc:
                     progress(f"{name} failed: {exc}")
-                    rows.append((name, "FAILED", "", str(exc)))
+                    rows.append(Row(name, "FAILED", "", str(exc)))
     finally:
         if args.keep:
             progress(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    print("\n".join(header(tool, time.monotonic() - started) + [""] + table(rows)))
+    print("\n".join(header(tool, time.monotonic() - started) + [""] + table(rows) + [""]
+                    + summary(rows)))
     return 0
 
 
