@@ -11,11 +11,12 @@ status is 0. MB are 10^6 bytes. The measurements (NAME for --only):
 
   catchup    wall time of `--once` over N syslog lines (4 files, --format syslog), over the
              same bytes with --format plain (the difference is the parsing cost) and over the
-             same entries as JSON lines (--format json). Floors on the same syslog bytes: the
-             sqlite3 CLI's .import and a Python loader (executemany, 10k rows per transaction,
-             WAL), both into a one-column table. Also peak RSS (ru_maxrss from wait4: the
-             larger of the tool and the parse worker it reaped, not their sum), CPU seconds,
-             and DB size (.db plus -wal) per log byte.
+             same entries as JSON lines (--format json). Floors, each into a one-column table:
+             the sqlite3 CLI's .import of the syslog bytes and of the JSON lines, and a Python
+             loader (executemany, 10k rows per transaction, WAL) of the syslog bytes. Each
+             ratio row divides a catch-up's lines/s by a floor's, the floor beside it. Also
+             peak RSS (ru_maxrss from wait4: the larger of the tool and the parse worker it
+             reaped, not their sum), CPU seconds, and DB size (.db plus -wal) per log byte.
   latency    the daemon (--format auto) on an empty directory; a thread appends a numbered
              syslog line every 2 ms, first opening and closing the file per line, then
              through one unbuffered file kept open, while the main thread polls the DB every
@@ -357,6 +358,24 @@ def rate_note(run: Run, lines: int, size: int) -> str:
     return f"{run.seconds:.2f} s, {size / MB / run.seconds:.1f} MB/s, CPU {run.cpu_s:.1f} s"
 
 
+def import_row(label: str, floor: Run | None, db: pathlib.Path, lines: int, size: int) -> Row:
+    name = f"floor: sqlite3 .import, {label}"
+    if floor is None:
+        return Row(name, "-", "", "skipped: no sqlite3 CLI on PATH")
+    return Row(name, lines / floor.seconds, "lines/s",
+               rate_note(floor, lines, size) + rows_note(count_rows(db, "lines"), lines))
+
+
+def ratio_row(name: str, run: Run | None, base: Run | None, lines: int, base_name: str,
+              target: Target = None, extra: str = "") -> list:
+    """RUN's speed over BASE's (a floor, mostly) on the same LINES, BASE's beside it; none when
+    either is missing (its own row says why)."""
+    if run is None or base is None:
+        return []
+    return [Row(name, base.seconds / run.seconds, "x",
+                f"{base_name}: {lines / base.seconds:,.0f} lines/s{extra}", target)]
+
+
 def measure_catchup(work: pathlib.Path, tool: pathlib.Path, lines: int) -> list:
     syslog_dir, json_dir = work / "catchup-syslog", work / "catchup-json"
     progress(f"catch-up: writing {lines:,} lines as syslog and as JSON lines")
@@ -367,24 +386,24 @@ def measure_catchup(work: pathlib.Path, tool: pathlib.Path, lines: int) -> list:
             Row("corpus: JSON lines", json_size / MB, "MB",
                 f"the same entries, {json_size / lines:.0f} B/line")]
 
-    progress("catch-up: floor, sqlite3 .import")
-    floor_import = import_floor(syslog_dir, work / "floor-import.db")
-    if floor_import is None:
-        rows.append(Row("floor: sqlite3 .import", "-", "", "skipped: no sqlite3 CLI on PATH"))
-    else:
-        found = count_rows(work / "floor-import.db", "lines")
-        rows.append(Row("floor: sqlite3 .import", lines / floor_import.seconds, "lines/s",
-                        rate_note(floor_import, lines, syslog_size)
-                        + rows_note(found, lines)))
+    # Each corpus has its own floor: JSON lines are longer, so the same count costs more to
+    # store even without parsing; the JSON ratio to its own floor says what parsing costs.
+    floors = {}
+    for label, directory, size, fmt in (("syslog", syslog_dir, syslog_size, "syslog"),
+                                        ("JSON lines", json_dir, json_size, "json")):
+        progress(f"catch-up: floor, sqlite3 .import of the {label} corpus")
+        db = work / f"floor-import-{fmt}.db"
+        floors[fmt] = import_floor(directory, db)
+        rows.append(import_row(label, floors[fmt], db, lines, size))
     progress("catch-up: floor, Python executemany")
     floor_python = run_measured([sys.executable, __file__, "--python-floor",
                                  str(syslog_dir), str(work / "floor-python.db")])
-    rows.append(Row("floor: Python executemany", lines / floor_python.seconds, "lines/s",
+    rows.append(Row("floor: Python executemany, syslog", lines / floor_python.seconds, "lines/s",
                     rate_note(floor_python, lines, syslog_size)
                     + f", peak RSS {floor_python.rss_mb:.0f} MB"
                     + rows_note(count_rows(work / "floor-python.db", "lines"), lines)))
 
-    runs = {}
+    runs, sizes = {}, {}
     for label, directory, size, fmt in (("syslog (parsed)", syslog_dir, syslog_size, "syslog"),
                                         ("plain", syslog_dir, syslog_size, "plain"),
                                         ("JSON lines", json_dir, json_size, "json")):
@@ -395,24 +414,36 @@ def measure_catchup(work: pathlib.Path, tool: pathlib.Path, lines: int) -> list:
         except BenchError as exc:
             rows.append(Row(f"catch-up {label}", "FAILED", "", str(exc)))
             continue
-        size_on_disk = db_bytes(db)
-        found = count_rows(db)
-        ratios = ", ".join(f"{floor.seconds / run.seconds:.2f}x {name} floor" for name, floor in
-                           ((".import", floor_import), ("Python", floor_python)) if floor)
+        sizes[fmt] = (label, db_bytes(db), size)
         rows.append(Row(f"catch-up {label}", lines / run.seconds, "lines/s",
-                        f"{ratios}, {rate_note(run, lines, size)}, peak RSS {run.rss_mb:.0f} MB"
-                        + rows_note(found, lines)))
-        rows.append(Row(f"DB size, {label}", size_on_disk / size, "x log bytes",
-                        f"{size_on_disk / MB:.1f} MB (.db + -wal) for {size / MB:.1f} MB of log",
-                        at_most(1.6)))
-    if "syslog" in runs and floor_import:
-        rows.append(Row("syslog (parsed) / .import", floor_import.seconds / runs["syslog"].seconds,
-                        "x", f"floor: .import {lines / floor_import.seconds:,.0f} lines/s",
-                        at_least(0.5)))
+                        f"{rate_note(run, lines, size)}, peak RSS {run.rss_mb:.0f} MB"
+                        + rows_note(count_rows(db), lines)))
+
+    def python_note(fmt: str) -> str:
+        run = runs.get(fmt)
+        return "" if run is None else (f"; {floor_python.seconds / run.seconds:.2f}x the Python "
+                                       f"floor ({lines / floor_python.seconds:,.0f} lines/s)")
+
+    rows += ratio_row("syslog (parsed) / .import", runs.get("syslog"), floors["syslog"], lines,
+                      "floor, .import of the same lines", at_least(0.5), python_note("syslog"))
+    rows += ratio_row("plain / .import", runs.get("plain"), floors["syslog"], lines,
+                      "floor, .import of the same lines", at_least(0.7), python_note("plain"))
+    rows += ratio_row("JSON lines / syslog (parsed)", runs.get("json"), runs.get("syslog"), lines,
+                      "against the syslog (parsed) catch-up of the same entries",
+                      at_least(0.7))
+    rows += ratio_row("JSON lines / its .import", runs.get("json"), floors["json"], lines,
+                      "floor, .import of the same JSON lines")
     if "syslog" in runs and "plain" in runs:
         parsed, plain = runs["syslog"].seconds, runs["plain"].seconds
         rows.append(Row("parsing cost: syslog vs plain", parsed / plain, "x time",
                         f"{parsed:.2f} s parsed vs {plain:.2f} s plain"))
+    size_targets = {"json": at_most(1.4), "syslog": at_most(1.6), "plain": None}
+    for fmt in ("json", "syslog", "plain"):
+        if fmt in sizes:
+            label, size_on_disk, size = sizes[fmt]
+            rows.append(Row(f"DB size, {label}", size_on_disk / size, "x log bytes",
+                            f"{size_on_disk / MB:.1f} MB (.db + -wal) for {size / MB:.1f} MB of "
+                            "log", size_targets[fmt]))
     if runs:
         rows.append(Row("peak RSS, catch-up", max(run.rss_mb for run in runs.values()), "MB",
                         "the largest of " + ", ".join(f"{fmt} {run.rss_mb:.0f} MB"
