@@ -17,6 +17,10 @@ status is 0. MB are 10^6 bytes. The measurements (NAME for --only):
              ratio row divides a catch-up's lines/s by a floor's, the floor beside it. Also
              peak RSS (ru_maxrss from wait4: the larger of the tool and the parse worker it
              reaped, not their sum), CPU seconds, and DB size (.db plus -wal) per log byte.
+  stop       the daemon (not --once) on one file of 1,000,000 numbered syslog lines: SIGTERM
+             at a seeded random moment 0.3-3 s after its first rows, then the time from the
+             signal to its exit; 20 trials, each on a fresh DB. After each: the rows stored
+             against files.offset (count = lines before it) and the exit status.
   latency    the daemon (--format auto) on an empty directory; a thread appends a numbered
              syslog line every 2 ms, first opening and closing the file per line, then
              through one unbuffered file kept open, while the main thread polls the DB every
@@ -27,7 +31,8 @@ status is 0. MB are 10^6 bytes. The measurements (NAME for --only):
   manyfiles  `--once` over many small files, then the daemon over the same files: files/s,
              and the most fds the daemon holds open (sampled every 50 ms).
 
---quick is a smaller run (100k lines, 2 s latency runs, 3 s idle, 20 MB line, 1,000 files).
+--quick is a smaller run (100k lines, 5 stop trials, 2 s latency runs, 3 s idle, 20 MB line,
+1,000 files).
 """
 
 from __future__ import annotations
@@ -55,9 +60,11 @@ import time
 import urllib.parse
 
 TOOL = pathlib.Path(__file__).resolve().parent.parent / "logtail2db.py"   # --tool's default
-MEASUREMENTS = ("catchup", "latency", "idle", "longline", "manyfiles")
-FULL = {"lines": 1_000_000, "latency_s": 10.0, "idle_s": 10.0, "line_mb": 200, "files": 10_000}
-QUICK = {"lines": 100_000, "latency_s": 2.0, "idle_s": 3.0, "line_mb": 20, "files": 1_000}
+MEASUREMENTS = ("catchup", "stop", "latency", "idle", "longline", "manyfiles")
+FULL = {"lines": 1_000_000, "latency_s": 10.0, "idle_s": 10.0, "line_mb": 200, "files": 10_000,
+        "stop_trials": 20}
+QUICK = {"lines": 100_000, "latency_s": 2.0, "idle_s": 3.0, "line_mb": 20, "files": 1_000,
+         "stop_trials": 5}
 SEED = 20261124
 START_EPOCH = 1795392000        # 2026-11-23 00:00:00 UTC: the corpus's first timestamp
 CATCHUP_FILES = 4
@@ -72,6 +79,11 @@ MANY_LINES = 3                  # lines per file in the many-files corpus
 MAX_OPEN_FILES = 256            # the tool's --max-open-files default: log files it keeps open
 OWN_FDS = 16                    # the rest it may hold: stdio, database, -wal, -shm, inotify,
                                 # wake-up pipe, parse worker's socket, with room to spare
+# The stop corpus is a full-size backlog even with --quick: the daemon must still be catching
+# up STOP_AFTER_MAX_S after its first rows, or the signal would find it idle.
+STOP_LINES = 1_000_000
+STOP_AFTER_MIN_S, STOP_AFTER_MAX_S = 0.3, 3.0  # SIGTERM this long (uniform) after the first rows
+STOP_LIMIT_S = 30.0             # a daemon not gone this long after SIGTERM is killed, and reported
 MB = 1e6
 
 MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
@@ -85,6 +97,7 @@ SEQ_RE = re.compile(r"seq=([0-9]+)")
 LETTERS = bytes(b"abcdefghijklmnopqrstuvwxyz0123456789 "[i % 37] for i in range(256))
 
 Run = collections.namedtuple("Run", "seconds rss_mb cpu_s")
+Stop = collections.namedtuple("Stop", "seconds status rows mismatch first_rows_s")  # a trial
 # A line of the table: one figure, and the issue's target for it if it has one.
 Row = collections.namedtuple("Row", "name value unit note target", defaults=(None,))
 Target = collections.namedtuple("Target", "op bound")   # met when `value op bound` holds
@@ -186,6 +199,16 @@ def make_catchup_corpus(syslog_dir: pathlib.Path, json_dir: pathlib.Path, lines:
                 batch = [next(source) for _ in range(min(10_000, count - start))]
                 syslog_file.write("".join(syslog_line(*event) for event in batch))
                 json_file.write("".join(json_line(*event) for event in batch))
+
+
+def make_numbered_syslog(path: pathlib.Path, lines: int) -> None:
+    """LINES syslog lines, line i (from 0) carrying "seq=i", so a row says which line it is."""
+    source = events(random.Random(SEED + lines))
+    with open(path, "w") as file:
+        for start in range(0, lines, 10_000):
+            file.write("".join(syslog_line(*event[:-1], f"seq={seq} {event[-1]}")
+                               for seq, event in zip(range(start, min(start + 10_000, lines)),
+                                                     source)))
 
 
 def make_small_files(directory: pathlib.Path, files: int, lines: int) -> None:
@@ -299,6 +322,23 @@ def daemon(tool: pathlib.Path, directory: pathlib.Path, db: pathlib.Path, *args)
             proc.wait()
 
 
+def stop_timed(proc: subprocess.Popen) -> tuple:
+    """SIGTERM PROC and reap it: (seconds from the signal to its exit, its exit status). One
+    still running STOP_LIMIT_S after the signal is killed (status -9)."""
+    # os.kill, not proc.kill: Popen would poll (and might reap) the pid this thread waits for.
+    killer = threading.Timer(STOP_LIMIT_S, os.kill, (proc.pid, signal.SIGKILL))
+    killer.start()
+    try:
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, status = os.waitpid(proc.pid, 0)     # blocks: returns the moment it exits
+        seconds = time.monotonic() - sent
+    finally:
+        killer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)    # reaped here, not by Popen
+    return seconds, proc.returncode
+
+
 def is_watching(proc: subprocess.Popen, err_path: pathlib.Path) -> bool:
     """Whether the daemon has said "watching DIR: N files" (it has caught up and waits)."""
     text = err_path.read_bytes()
@@ -309,6 +349,11 @@ def is_watching(proc: subprocess.Popen, err_path: pathlib.Path) -> bool:
 
 def wait_watching(proc: subprocess.Popen, err_path: pathlib.Path) -> None:
     wait_for(lambda: is_watching(proc, err_path), READY_S, 'the daemon to say "watching"')
+
+
+def percentile(ordered: list, p: float) -> float:
+    """Nearest-rank percentile of sorted values."""
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
 # Measurements #################################################################
@@ -452,6 +497,122 @@ def measure_catchup(work: pathlib.Path, tool: pathlib.Path, lines: int) -> list:
     return rows
 
 
+def has_rows(proc: subprocess.Popen, db: pathlib.Path) -> bool:
+    """Whether a reader sees any entry yet; BenchError if the daemon has exited."""
+    if proc.poll() is not None:
+        raise BenchError(f"the daemon exited {proc.returncode} before storing anything")
+    try:
+        conn = sqlite3.connect(ro_uri(db), uri=True, timeout=1.0)
+        try:
+            return conn.execute("SELECT 1 FROM entries LIMIT 1").fetchone() is not None
+        finally:
+            conn.close()
+    except sqlite3.OperationalError:
+        return False    # no database or no schema yet
+
+
+def lines_before(path: pathlib.Path, offset: int) -> tuple:
+    """(newlines in PATH before OFFSET, whether OFFSET is just past one or at 0)."""
+    count, last, left = 0, b"\n", offset
+    with open(path, "rb") as file:
+        while left > 0:
+            chunk = file.read(min(left, 1 << 20))
+            if not chunk:
+                break   # the offset is past the end: reported as off a line boundary
+            count += chunk.count(b"\n")
+            last, left = chunk[-1:], left - len(chunk)
+    return count, left == 0 and last == b"\n"
+
+
+def stored_mismatch(db: pathlib.Path, path: pathlib.Path) -> tuple:
+    """(rows stored, why they disagree with the offset stored for PATH, or None)."""
+    conn = sqlite3.connect(ro_uri(db), uri=True)
+    try:
+        offsets = [offset for offset, in conn.execute("SELECT offset FROM files")]
+        rows = conn.execute("SELECT count(*) FROM entries").fetchone()[0]
+        last = conn.execute("SELECT raw FROM entries ORDER BY id DESC LIMIT 1").fetchone()
+    finally:
+        conn.close()
+    if len(offsets) != 1:
+        return rows, f"{len(offsets)} files rows for one file"
+    lines, on_boundary = lines_before(path, offsets[0])
+    if not on_boundary:
+        return rows, f"offset {offsets[0]:,} is not at the start of a line"
+    if rows != lines:
+        return rows, f"{rows:,} rows, but {lines:,} lines before offset {offsets[0]:,}"
+    match = last and SEQ_RE.search(str(last[0]))
+    if rows and not (match and int(match[1]) == lines - 1):
+        return rows, f"the last row is not line {lines - 1:,}, the one before the offset: {last}"
+    return rows, None
+
+
+def stop_trial(tool: pathlib.Path, directory: pathlib.Path, db: pathlib.Path,
+               delay_s: float) -> Stop:
+    """Start the daemon on a fresh DB, SIGTERM it DELAY_S after its first rows, time its exit."""
+    for stale in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        stale.unlink(missing_ok=True)
+    with daemon(tool, directory, db) as (proc, err_path):
+        wait_watching(proc, err_path)
+        watching = time.monotonic()
+        # "watching" may come before or after the catch-up, depending on the tool: rows in the
+        # database are what says the catch-up is under way.
+        wait_for(lambda: has_rows(proc, db), READY_S, "the catch-up's first rows")
+        first_rows_s = time.monotonic() - watching
+        time.sleep(delay_s)     # the random moment itself, not a wait for anything
+        seconds, status = stop_timed(proc)
+    rows, mismatch = stored_mismatch(db, directory / "syslog.log")
+    if status != 0:
+        mismatch = (mismatch + "; " if mismatch else "") + tail(err_path.read_bytes())
+    return Stop(seconds, status, rows, mismatch, first_rows_s)
+
+
+def measure_stop(work: pathlib.Path, tool: pathlib.Path, trials: int) -> list:
+    directory = work / "stop"
+    directory.mkdir()
+    path = directory / "syslog.log"
+    progress(f"stop: writing {STOP_LINES:,} numbered syslog lines")
+    make_numbered_syslog(path, STOP_LINES)
+    size = path.stat().st_size
+    # A fresh DB each trial: every signal then meets the same state, the start of a big backlog
+    # with the parse worker busy, which is the case issue 16 is about (a restart while catching
+    # up). Continuing the same DB would shrink the backlog trial by trial until the later
+    # signals found an idle daemon, and would time a resume as well as a stop.
+    rng = random.Random(SEED + trials)
+    results = []
+    for trial in range(trials):
+        delay_s = rng.uniform(STOP_AFTER_MIN_S, STOP_AFTER_MAX_S)
+        progress(f"stop: trial {trial + 1} of {trials}, SIGTERM {delay_s:.2f} s after the first rows")
+        result = stop_trial(tool, directory, work / "stop.db", delay_s)
+        progress(f"stop: gone {result.seconds:.2f} s after SIGTERM, exit status {result.status}, "
+                 f"{result.rows:,} rows")
+        if result.mismatch:
+            progress(f"stop: trial {trial + 1}: MISMATCH: {result.mismatch}")
+        results.append(result)
+    seconds = sorted(result.seconds for result in results)
+    statuses = collections.Counter(result.status for result in results)
+    unfinished = sum(result.rows < STOP_LINES for result in results)
+    first_rows_s = sorted(result.first_rows_s for result in results)
+    mismatches = [(trial + 1, result.mismatch) for trial, result in enumerate(results)
+                  if result.mismatch]
+    status_note = (f"exit status 0 in all {trials}" if statuses == {0: trials} else
+                   "EXIT STATUS " + ", ".join(f"{status} in {count}"
+                                              for status, count in sorted(statuses.items()))
+                   + f" of {trials}")
+    return [Row("stop time max, SIGTERM mid catch-up", seconds[-1], "s",
+                f"{trials} trials, each on a fresh DB, SIGTERM {STOP_AFTER_MIN_S:g}-"
+                f"{STOP_AFTER_MAX_S:g} s (seeded) after the first rows; {status_note}; "
+                f"{unfinished} of {trials} stopped with the catch-up unfinished; "
+                f"{STOP_LINES:,} lines, {size / MB:.0f} MB in one file", at_most(2)),
+            Row("stop time p50, SIGTERM mid catch-up", percentile(seconds, 50), "s",
+                f"min {seconds[0]:.2f} s, p90 {percentile(seconds, 90):.2f} s; first rows "
+                f"seen {percentile(first_rows_s, 50):.2f} s (p50) after \"watching\""),
+            Row("stop: trials with rows != offset", len(mismatches), "trials",
+                f"of {trials}: count(entries) against the lines before files.offset, and the "
+                "last row is the line just before it"
+                + "".join(f"; MISMATCH in trial {trial}: {why}" for trial, why in mismatches),
+                at_most(0))]
+
+
 def probe_line(seq: int) -> bytes:
     """A syslog line of about the corpus's size carrying its sequence number."""
     tm = time.gmtime()
@@ -500,11 +661,6 @@ def poll_visible(conn: sqlite3.Connection, writer: threading.Thread, count: int)
             break
         time.sleep(POLL_EVERY_S)    # the reader's pace; it leaves the other core to the writer
     return seen
-
-
-def percentile(ordered: list, p: float) -> float:
-    """Nearest-rank percentile of sorted values."""
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
 def measure_latency(work: pathlib.Path, tool: pathlib.Path, kept_open: bool,
@@ -696,10 +852,11 @@ def summary(rows: list) -> list:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Benchmark logtail2db.py: catch-up, latency, idle CPU, memory, DB size, "
-                    "many files. Prints one table; asserts nothing.")
+        description="Benchmark logtail2db.py: catch-up, stop time, latency, idle CPU, memory, "
+                    "DB size, many files. Prints one table; asserts nothing.")
     parser.add_argument("--quick", action="store_true",
-                        help="a smaller run: 100k lines, 2 s latency runs, 1,000 files, 20 MB line")
+                        help="a smaller run: 100k lines, 5 stop trials, 2 s latency runs, "
+                             "1,000 files, 20 MB line")
     parser.add_argument("--lines", type=int, metavar="N",
                         help="lines in the catch-up corpus (default: 1,000,000; --quick 100,000)")
     parser.add_argument("--only", metavar="NAME[,NAME]",
@@ -735,6 +892,7 @@ def main(argv=None) -> int:
     work = pathlib.Path(tempfile.mkdtemp(prefix="logtail2db-bench-"))
     steps = {
         "catchup": lambda: measure_catchup(work, tool, lines),
+        "stop": lambda: measure_stop(work, tool, scale["stop_trials"]),
         "latency": lambda: (measure_latency(work, tool, False, scale["latency_s"])
                             + measure_latency(work, tool, True, scale["latency_s"])),
         "idle": lambda: measure_idle(work, tool, scale["idle_s"]),
