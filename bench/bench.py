@@ -25,14 +25,18 @@ status is 0. MB are 10^6 bytes. The measurements (NAME for --only):
              syslog line every 2 ms, first opening and closing the file per line, then
              through one unbuffered file kept open, while the main thread polls the DB every
              1 ms: per line, the time from write() returning to the row being visible.
+  lone       lone-line latency per format (syslog, app, json, clf, plain): a daemon
+             (--format auto) on its own directory per format, one file each, kept open by
+             its writer, which writes ONE line, waits until its row is visible (polled every
+             1 ms), waits 1.5 s more, then writes the next; 20 lines per format.
   idle       CPU seconds (utime+stime from /proc/PID/stat) the caught-up daemon spends with
              100 quiet files, per 10 s.
   longline   peak RSS and wall time of `--once` over a single line of 200 MB.
   manyfiles  `--once` over many small files, then the daemon over the same files: files/s,
              and the most fds the daemon holds open (sampled every 50 ms).
 
---quick is a smaller run (100k lines, 5 stop trials, 2 s latency runs, 3 s idle, 20 MB line,
-1,000 files).
+--quick is a smaller run (100k lines, 5 stop trials, 2 s latency runs, 5 lone lines per
+format, 3 s idle, 20 MB line, 1,000 files).
 """
 
 from __future__ import annotations
@@ -60,11 +64,11 @@ import time
 import urllib.parse
 
 TOOL = pathlib.Path(__file__).resolve().parent.parent / "logtail2db.py"   # --tool's default
-MEASUREMENTS = ("catchup", "stop", "latency", "idle", "longline", "manyfiles")
+MEASUREMENTS = ("catchup", "stop", "latency", "lone", "idle", "longline", "manyfiles")
 FULL = {"lines": 1_000_000, "latency_s": 10.0, "idle_s": 10.0, "line_mb": 200, "files": 10_000,
-        "stop_trials": 20}
+        "stop_trials": 20, "lone_lines": 20}
 QUICK = {"lines": 100_000, "latency_s": 2.0, "idle_s": 3.0, "line_mb": 20, "files": 1_000,
-         "stop_trials": 5}
+         "stop_trials": 5, "lone_lines": 5}
 SEED = 20261124
 START_EPOCH = 1795392000        # 2026-11-23 00:00:00 UTC: the corpus's first timestamp
 CATCHUP_FILES = 4
@@ -72,6 +76,11 @@ WRITE_EVERY_S = 0.002           # the latency writer's pace
 POLL_EVERY_S = 0.001            # the latency reader's pace
 SAMPLE_EVERY_S = 0.05           # how often the daemon's open fds are counted
 SETTLE_S = 5.0                  # after the writer stops: the syslog hold (~1 s) plus slack
+LONE_FORMATS = ("syslog", "app", "json", "clf", "plain")
+QUIET_S = 1.5                   # from a lone line being visible to writing the next: longer than
+                                # any hold the tool might use (syslog and app hold a last entry
+                                # ~1 s), so every line meets a tailer with nothing held or pending
+LONE_LIMIT_S = 10.0             # a lone line not visible after this is counted as lost
 READY_S = 60.0                  # for the daemon to say "watching", or rows to show up
 RUN_LIMIT_S = 900.0             # a --once run still going after this is killed and reported
 IDLE_FILES, IDLE_LINES = 100, 5
@@ -289,10 +298,11 @@ def time_once(tool: pathlib.Path, directory: pathlib.Path, db: pathlib.Path, *ar
     return run_measured(command(tool, "--once", *args, directory, db))
 
 
-def wait_for(predicate, timeout_s: float, what: str):
-    """Poll PREDICATE with a short backoff until it is true; BenchError after TIMEOUT_S."""
+def wait_for(predicate, timeout_s: float, what: str, max_delay_s: float = 0.05):
+    """Poll PREDICATE with a short backoff (up to MAX_DELAY_S between calls) until it returns
+    something true, and return that; BenchError after TIMEOUT_S."""
     deadline = time.monotonic() + timeout_s
-    delay = 0.001
+    delay = min(0.001, max_delay_s)
     while True:
         result = predicate()
         if result:
@@ -300,7 +310,7 @@ def wait_for(predicate, timeout_s: float, what: str):
         if time.monotonic() > deadline:
             raise BenchError(f"timed out after {timeout_s:g} s waiting for {what}")
         time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+        delay = min(delay * 2, max_delay_s)
 
 
 @contextlib.contextmanager
@@ -695,6 +705,98 @@ def measure_latency(work: pathlib.Path, tool: pathlib.Path, kept_open: bool,
                 f"{len(seen):,} lines seen of {count:,} written{missing}", at_most(50))]
 
 
+def lone_line(fmt: str, seq: int) -> bytes:
+    """A line of format FMT (one of LONE_FORMATS), stamped now, carrying seq=SEQ."""
+    now = time.time()
+    tm, ms = time.gmtime(now), int(now % 1 * 1000)
+    text = f"seq={seq:06d} lone line"
+    if fmt == "syslog":
+        line = (f"{MONTHS[tm.tm_mon - 1]} {tm.tm_mday:2d} {time.strftime('%H:%M:%S', tm)} "
+                f"bench-01 lone[{os.getpid()}]: {text}")
+    elif fmt == "app":
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S', tm)},{ms:03d} INFO app.web: {text}"
+    elif fmt == "json":
+        line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S", tm) + f".{ms:03d}Z",
+                           "level": "info", "msg": text})
+    elif fmt == "clf":
+        line = (f'10.0.3.7 - alice [{time.strftime("%d/%b/%Y:%H:%M:%S +0000", tm)}] '
+                f'"GET /api/v1/orders?seq={seq:06d} HTTP/1.1" 200 512 "-" "bench/1.0"')
+    else:
+        line = text
+    return line.encode() + b"\n"
+
+
+def seen_at(conn: sqlite3.Connection, seq: int) -> float | None:
+    """Now, if the newest row is line SEQ; else None."""
+    row = conn.execute("SELECT raw FROM entries ORDER BY id DESC LIMIT 1").fetchone()
+    match = row and SEQ_RE.search(str(row[0]))
+    return time.monotonic() if match and int(match[1]) == seq else None
+
+
+def time_lone_line(fmt: str, seq: int, writer, conn: sqlite3.Connection,
+                   proc: subprocess.Popen, err_path: pathlib.Path) -> float:
+    """Seconds from writing line SEQ to its row being visible (polled every POLL_EVERY_S);
+    infinite if it is not within LONE_LIMIT_S."""
+    writer.write(lone_line(fmt, seq))
+    written = time.monotonic()
+    try:
+        return wait_for(lambda: seen_at(conn, seq), LONE_LIMIT_S, f"{fmt} line {seq}",
+                        max_delay_s=POLL_EVERY_S) - written
+    except BenchError as exc:
+        if proc.poll() is not None:
+            raise BenchError(f"the {fmt} daemon exited {proc.returncode}: "
+                             f"{tail(err_path.read_bytes())}") from exc
+        progress(f"lone lines: {exc}")
+        return math.inf
+
+
+def measure_lone(work: pathlib.Path, tool: pathlib.Path, count: int) -> list:
+    progress(f"lone lines: {count} per format ({', '.join(LONE_FORMATS)}), each "
+             f"{QUIET_S:g} s after the last was stored")
+    ms = {fmt: [] for fmt in LONE_FORMATS}
+    with contextlib.ExitStack() as stack:
+        followed = {}
+        for fmt in LONE_FORMATS:
+            directory, db = work / f"lone-{fmt}", work / f"lone-{fmt}.db"
+            directory.mkdir()
+            # Created before its daemon starts and kept open, like a service's log: the daemon
+            # finds it empty in its first scan and follows it.
+            writer = stack.enter_context(open(directory / f"{fmt}.log", "ab", buffering=0))
+            proc, err_path = stack.enter_context(daemon(tool, directory, db, "--format", "auto"))
+            followed[fmt] = (writer, db, proc, err_path)
+        conns = {}
+        for fmt, (writer, db, proc, err_path) in followed.items():
+            wait_watching(proc, err_path)
+            conns[fmt] = stack.enter_context(contextlib.closing(
+                sqlite3.connect(ro_uri(db), uri=True, isolation_level=None)))
+        # The five daemons run at once and take turns: one line is in flight at a time, so
+        # only one daemon has work, and a round costs QUIET_S rather than five of them.
+        # Line 0 of each file is timed apart: its format is detected then.
+        quiet_until = dict.fromkeys(LONE_FORMATS, 0.0)
+        for seq in range(count + 1):
+            for fmt, (writer, db, proc, err_path) in followed.items():
+                time.sleep(max(0.0, quiet_until[fmt] - time.monotonic()))   # the quiet itself
+                ms[fmt].append(time_lone_line(fmt, seq, writer, conns[fmt], proc, err_path) * 1000)
+                quiet_until[fmt] = time.monotonic() + QUIET_S
+        detected = {fmt: [row[0] for row in conns[fmt].execute("SELECT format FROM files")]
+                    for fmt in LONE_FORMATS}
+    rows = []
+    for fmt in LONE_FORMATS:
+        first, timed = ms[fmt][0], sorted(ms[fmt][1:])
+        lost = sum(math.isinf(value) for value in ms[fmt])
+        shape = (f"detected as {detected[fmt][0]}" if detected[fmt] == [fmt]
+                 else f"DETECTED AS {detected[fmt] or 'nothing'}")
+        rows.append(Row(f"lone line p50, {fmt}", percentile(timed, 50), "ms",
+                        f"{len(timed)} lines, each written {QUIET_S:g} s after the one before "
+                        f"was visible; {shape}"))
+        rows.append(Row(f"lone line p99, {fmt}", percentile(timed, 99), "ms",
+                        f"max {timed[-1]:.0f} ms; the file's first line (not counted: its "
+                        f"format is detected then) {first:.0f} ms"
+                        + (f"; {lost} LINES NOT SEEN within {LONE_LIMIT_S:g} s" if lost else ""),
+                        at_most(300)))
+    return rows
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of PID so far."""
     with open(f"/proc/{pid}/stat") as file:
@@ -852,11 +954,12 @@ def summary(rows: list) -> list:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Benchmark logtail2db.py: catch-up, stop time, latency, idle CPU, memory, "
+        description="Benchmark logtail2db.py: catch-up, stop time, latency, lone-line "
+                    "latency, idle CPU, memory, "
                     "DB size, many files. Prints one table; asserts nothing.")
     parser.add_argument("--quick", action="store_true",
                         help="a smaller run: 100k lines, 5 stop trials, 2 s latency runs, "
-                             "1,000 files, 20 MB line")
+                             "5 lone lines per format, 1,000 files, 20 MB line")
     parser.add_argument("--lines", type=int, metavar="N",
                         help="lines in the catch-up corpus (default: 1,000,000; --quick 100,000)")
     parser.add_argument("--only", metavar="NAME[,NAME]",
@@ -895,6 +998,7 @@ def main(argv=None) -> int:
         "stop": lambda: measure_stop(work, tool, scale["stop_trials"]),
         "latency": lambda: (measure_latency(work, tool, False, scale["latency_s"])
                             + measure_latency(work, tool, True, scale["latency_s"])),
+        "lone": lambda: measure_lone(work, tool, scale["lone_lines"]),
         "idle": lambda: measure_idle(work, tool, scale["idle_s"]),
         "longline": lambda: measure_long_line(work, tool, scale["line_mb"]),
         "manyfiles": lambda: measure_many_files(work, tool, scale["files"]),
