@@ -350,7 +350,8 @@ def stop_timed(proc: subprocess.Popen) -> tuple:
 
 
 def is_watching(proc: subprocess.Popen, err_path: pathlib.Path) -> bool:
-    """Whether the daemon has said "watching DIR: N files" (it has caught up and waits)."""
+    """Whether the daemon has said "watching DIR: N files": its first scan is done (today's
+    tool says it before catching up on what the scan found, so this is no sign of idleness)."""
     text = err_path.read_bytes()
     if proc.poll() is not None:
         raise BenchError(f"the daemon exited {proc.returncode}: {tail(text)}")
