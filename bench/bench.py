@@ -52,6 +52,7 @@ import pathlib
 import platform
 import random
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -894,14 +895,35 @@ def shown(value) -> str:
     return f"{value:.3g}"
 
 
-def header(tool: pathlib.Path, elapsed_s: float) -> list:
+def cpu_use() -> tuple:
+    """(CPU seconds the whole machine has been busy, CPU seconds of this process and of the
+    children it has reaped, which include the tool's parse workers), so far."""
+    with open("/proc/stat") as file:
+        ticks = [int(field) for field in file.readline().split()[1:9]]
+    idle = ticks[3] + ticks[4]      # idle, iowait; steal counts as busy: not ours to use
+    own = sum(usage.ru_utime + usage.ru_stime for usage in
+              (resource.getrusage(resource.RUSAGE_SELF),
+               resource.getrusage(resource.RUSAGE_CHILDREN)))
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK"), own
+
+
+def others_note(before: tuple, elapsed_s: float) -> str:
+    """How much of the machine other processes used during the run: the figures of a busy
+    machine are not those of a quiet one."""
+    busy, own = (now - then for now, then in zip(cpu_use(), before))
+    others = max(0.0, busy - own)
+    return (f"other processes used {others:.0f} CPU s during the run, "
+            f"{others / (elapsed_s * os.cpu_count()):.0%} of the machine")
+
+
+def header(tool: pathlib.Path, elapsed_s: float, others: str) -> list:
     version = subprocess.run(command(tool, "--version"), capture_output=True, text=True)
     cli = shutil.which("sqlite3")
     cli_version = (subprocess.run([cli, "--version"], capture_output=True, text=True)
                    .stdout.split(" ")[0] if cli else "missing")
     return [f"tool:    {(version.stdout or version.stderr).strip()}, {tool}",
             f"machine: {os.cpu_count()} CPUs, {platform.system()} {platform.release()} "
-            f"{platform.machine()}, load {os.getloadavg()[0]:.2f}",
+            f"{platform.machine()}, load {os.getloadavg()[0]:.2f}; {others}",
             f"python:  {platform.python_version()}, SQLite {sqlite3.sqlite_version} (module), "
             f"sqlite3 CLI {cli_version}",
             f"run:     {elapsed_s:.0f} s, seed {SEED}"]
@@ -992,7 +1014,7 @@ def main(argv=None) -> int:
     tool = args.tool.resolve()
     if not tool.is_file():
         parser.error(f"--tool: no such file: {args.tool}")
-    started = time.monotonic()
+    started, cpu_before = time.monotonic(), cpu_use()
     work = pathlib.Path(tempfile.mkdtemp(prefix="logtail2db-bench-"))
     steps = {
         "catchup": lambda: measure_catchup(work, tool, lines),
@@ -1018,7 +1040,9 @@ def main(argv=None) -> int:
             progress(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    print("\n".join(header(tool, time.monotonic() - started) + [""] + table(rows) + [""]
+    elapsed_s = time.monotonic() - started
+    print("\n".join(header(tool, elapsed_s, others_note(cpu_before, elapsed_s)) + [""]
+                    + table(rows) + [""]
                     + summary(rows)))
     return 0
 
