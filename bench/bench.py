@@ -425,10 +425,10 @@ def import_row(label: str, floor: Run | None, db: pathlib.Path, lines: int, size
 
 def ratio_row(name: str, run: Run | None, base: Run | None, lines: int, base_name: str,
               target: Target = None, extra: str = "") -> list:
-    """RUN's speed over BASE's (a floor, mostly) on the same LINES, BASE's beside it; none when
-    either is missing (its own row says why)."""
+    """RUN's speed over BASE's (a floor, mostly) on the same LINES, BASE's beside it; "-" when
+    either is missing (its own row says why), so that the target still shows as not measured."""
     if run is None or base is None:
-        return []
+        return [Row(name, "-", "x", "not measured: see the catch-up and floor rows", target)]
     return [Row(name, base.seconds / run.seconds, "x",
                 f"{base_name}: {lines / base.seconds:,.0f} lines/s{extra}", target)]
 
@@ -461,9 +461,10 @@ def measure_catchup(work: pathlib.Path, tool: pathlib.Path, lines: int) -> list:
                     + rows_note(count_rows(work / "floor-python.db", "lines"), lines)))
 
     runs, sizes = {}, {}
-    for label, directory, size, fmt in (("syslog (parsed)", syslog_dir, syslog_size, "syslog"),
-                                        ("plain", syslog_dir, syslog_size, "plain"),
-                                        ("JSON lines", json_dir, json_size, "json")):
+    catchups = (("syslog (parsed)", syslog_dir, syslog_size, "syslog"),
+                ("plain", syslog_dir, syslog_size, "plain"),
+                ("JSON lines", json_dir, json_size, "json"))
+    for label, directory, size, fmt in catchups:
         progress(f"catch-up: --once --format {fmt}")
         db = work / f"catchup-{fmt}.db"
         try:
@@ -471,7 +472,7 @@ def measure_catchup(work: pathlib.Path, tool: pathlib.Path, lines: int) -> list:
         except BenchError as exc:
             rows.append(Row(f"catch-up {label}", "FAILED", "", str(exc)))
             continue
-        sizes[fmt] = (label, db_bytes(db), size)
+        sizes[fmt] = db_bytes(db)
         rows.append(Row(f"catch-up {label}", lines / run.seconds, "lines/s",
                         f"{rate_note(run, lines, size)}, peak RSS {run.rss_mb:.0f} MB"
                         + rows_note(count_rows(db), lines)))
@@ -495,17 +496,20 @@ def measure_catchup(work: pathlib.Path, tool: pathlib.Path, lines: int) -> list:
         rows.append(Row("parsing cost: syslog vs plain", parsed / plain, "x time",
                         f"{parsed:.2f} s parsed vs {plain:.2f} s plain"))
     size_targets = {"json": at_most(1.4), "syslog": at_most(1.6), "plain": None}
-    for fmt in ("json", "syslog", "plain"):
+    for label, _, size, fmt in catchups:
         if fmt in sizes:
-            label, size_on_disk, size = sizes[fmt]
-            rows.append(Row(f"DB size, {label}", size_on_disk / size, "x log bytes",
-                            f"{size_on_disk / MB:.1f} MB (.db + -wal) for {size / MB:.1f} MB of "
+            rows.append(Row(f"DB size, {label}", sizes[fmt] / size, "x log bytes",
+                            f"{sizes[fmt] / MB:.1f} MB (.db + -wal) for {size / MB:.1f} MB of "
                             "log", size_targets[fmt]))
-    if runs:
-        rows.append(Row("peak RSS, catch-up", max(run.rss_mb for run in runs.values()), "MB",
-                        "the largest of " + ", ".join(f"{fmt} {run.rss_mb:.0f} MB"
-                                                      for fmt, run in runs.items()),
-                        at_most(64)))
+        else:
+            rows.append(Row(f"DB size, {label}", "-", "x log bytes",
+                            "not measured: its catch-up failed", size_targets[fmt]))
+    rows.append(Row("peak RSS, catch-up", max(run.rss_mb for run in runs.values()), "MB",
+                    "the largest of " + ", ".join(f"{fmt} {run.rss_mb:.0f} MB"
+                                                  for fmt, run in runs.items()), at_most(64))
+                if runs else
+                Row("peak RSS, catch-up", "-", "MB", "not measured: every catch-up failed",
+                    at_most(64)))
     return rows
 
 
@@ -964,7 +968,8 @@ def summary(rows: list) -> list:
     judged = [(verdict(row), row) for row in rows if row.target is not None]
     failed = [row for row in rows if row.target is None and row.value == "FAILED"]
     marks = collections.Counter(mark for mark, _ in judged)
-    head = (f"targets: all {len(judged)} met" if marks["met"] == len(judged) else
+    head = ("targets: none measured" if not judged else
+            f"targets: all {len(judged)} met" if marks["met"] == len(judged) else
             f"targets: {marks['met']} of {len(judged)} met, "
             + ", ".join(f"{marks[mark]} {mark}" for mark in ("NOT met", "not measured", "FAILED")
                         if marks[mark]))
