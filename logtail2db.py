@@ -16,6 +16,25 @@ Guarantees:
 Exit status: 0 on success or on SIGTERM/SIGINT, 1 on a fatal error (one line
 "logtail2db: error: ..." on stderr), 2 on a usage error, 3 when --stats finds a
 file lagging by more than --max-lag.
+
+The sections, each using only what stands above it:
+  Constants and errors      tunables, Fatal, how names and sizes are shown
+  inotify binding           init/add_watch/rm_watch (inotifyx or ctypes), get_events()
+  File identity and reader  FileState, identify(): what a file is (resumed, truncated,
+                            a copy of another...), read_complete()
+  Entry parsing             one parse_<format>() per format, detect_format(), EntryBuilder
+                            (lines to entries, multi-line ones held until complete)
+  Stores                    the Store interface the loop calls, SqliteStore
+  Event loop                ParseWorker (a second core for big backlogs), Tailer: one
+                            select(), each wake-up's reading stored in one transaction
+  --stats                   a read-only look at a database
+  CLI and main              the options, logging, exit codes
+
+One line's way: Tailer.run() -> wait() (select, get_events, dispatch: the name is dirty)
+-> round() -> stored() (one transaction) -> read_round() -> take_events() -> refresh()
+-> read_pending() -> read() (identify() at its position) -> read_chunks() ->
+read_complete() -> EntryBuilder.feed() -> add_rows() -> Store.add(), then
+Tailer.states() -> Store.save() and COMMIT.
 """
 
 from __future__ import annotations
@@ -23,6 +42,7 @@ from __future__ import annotations
 import argparse
 import array
 import collections
+import contextlib
 import errno
 import fcntl
 import fnmatch
@@ -86,6 +106,7 @@ PROGRESS_AFTER_S = 2.0          # a catch-up longer than this shows progress on 
 PROGRESS_EVERY_S = 0.25
 BULK_BYTES = 4 << 20            # a backlog this big is parsed by the worker, on the other core
 WORKER_BUFFER = 4 << 20         # socket buffer: the worker parses ahead while rows are inserted
+RECEIVE_BYTES = 256 << 10       # bytes taken from the worker's socket at a time
 DEFAULT_EXCLUDES = ("*.gz", "*.bz2", "*.xz", "*.zst", "*.zip", "*.lz4", "*.Z")
 DB_SUFFIXES = (b"", b"-wal", b"-shm", b"-journal")
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -108,6 +129,14 @@ def shown(name) -> str:
     return str(name)
 
 
+def human_bytes(size: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
+
+
 # inotify binding ##############################################################
 
 IN_MODIFY = 0x00000002          # file was modified
@@ -123,16 +152,6 @@ IN_Q_OVERFLOW = 0x00004000      # the event queue overflowed: events were lost
 IN_IGNORED = 0x00008000         # the watch was removed
 IN_ONLYDIR = 0x01000000         # add_watch: fail unless the path is a directory
 IN_ISDIR = 0x40000000           # the subject of the event is a directory
-if inotifyx is not None:
-    # The kernel's numbers, taken from the C extension where it is installed.
-    (IN_MODIFY, IN_CLOSE_WRITE, IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE,
-     IN_DELETE_SELF, IN_MOVE_SELF, IN_UNMOUNT, IN_Q_OVERFLOW, IN_IGNORED, IN_ONLYDIR,
-     IN_ISDIR) = (
-        inotifyx.IN_MODIFY, inotifyx.IN_CLOSE_WRITE, inotifyx.IN_MOVED_FROM,
-        inotifyx.IN_MOVED_TO, inotifyx.IN_CREATE, inotifyx.IN_DELETE, inotifyx.IN_DELETE_SELF,
-        inotifyx.IN_MOVE_SELF, inotifyx.IN_UNMOUNT, inotifyx.IN_Q_OVERFLOW, inotifyx.IN_IGNORED,
-        inotifyx.IN_ONLYDIR, inotifyx.IN_ISDIR)
-
 DIR_MASK = (IN_CLOSE_WRITE | IN_MODIFY | IN_CREATE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE
             | IN_DELETE_SELF | IN_MOVE_SELF)
 NAME_CHANGES = IN_CREATE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE   # the name may now be another file
@@ -491,6 +510,18 @@ def read_complete(fd: int, offset: int, size: int = READ_CHUNK):
     return chunk[:cut], offset + cut, chunk[cut:]
 
 
+def last_line_end(fd: int, size: int) -> int:
+    """Offset just past the last newline before size (0 when there is none)."""
+    end = size
+    while end > 0:
+        start = max(0, end - READ_CHUNK)
+        cut = os.pread(fd, end - start, start).rfind(b"\n")
+        if cut >= 0:
+            return start + cut + 1
+        end = start
+    return 0
+
+
 def open_file(path: bytes, follow_symlinks: bool):
     """Open a log file for reading without ever blocking (a FIFO, a device)."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
@@ -781,65 +812,6 @@ def read_pri(line: str) -> tuple[str, str, int] | None:
     return None if names is None else (*names, end)
 
 
-# The usual shape of a syslog file's line, on the hot path of a catch-up; parse_syslog()
-# reads it exactly as its general code below would (a test holds the two to it).
-SYSLOG_RE = re.compile(rf"(?:{MONTH_NAMES}) [ 0-9][0-9] [0-9]{{2}}:[0-9]{{2}}:[0-5][0-9] "
-                       r"([^ ]+) ([^ \[\]:]+)(?:\[([0-9]{1,9})\])?: ")
-
-
-def parse_syslog(line: str, stamps: Stamps) -> Parsed | None:
-    """RFC 3164 as rsyslog and syslog-ng write files: 'Nov 24 13:59:19 host prog[pid]: msg'.
-
-    Also an RFC 3339 time in place of the BSD one, an optional '<PRI>' (giving level and
-    facility), and whole RFC 5424 lines. No 'tag:' after the host: program None and the message
-    is the rest ("last message repeated 3 times").
-    """
-    match = SYSLOG_RE.match(line)
-    if match is not None:
-        head = stamps.bsd_minutes.get(line[:12])
-        ts = head + line[12:15] if head is not None else stamps.bsd(line[:15])
-        if ts is not None:
-            host, program, pid = match.groups()
-            return ts, host, program, pid and int(pid), None, None, line[match.end():]
-    return _parse_syslog(line, stamps)
-
-
-def _parse_syslog(line: str, stamps: Stamps) -> Parsed | None:
-    """parse_syslog() for every shape."""
-    level = fields = None
-    start = 0
-    if line[:1] == "<":
-        pri = read_pri(line)
-        if pri is None:
-            return None
-        level, facility, start = pri
-        if line.startswith("1 ", start):
-            return parse_rfc5424(line, stamps)
-        fields = {"facility": facility}
-    if line[start + 3:start + 4] == " " and line[start:start + 3] in MONTHS:
-        host_at = start + 16
-        ts = stamps.bsd(line[start:host_at - 1]) if line[host_at - 1:host_at] == " " else None
-    elif line[start:start + 1] in DIGITS:
-        host_at = line.find(" ", start) + 1
-        ts = stamps.iso(line[start:host_at - 1]) if host_at else None
-    else:
-        return None  # most continuation lines leave here, at the first character or two
-    if ts is None:
-        return None
-    host, _, rest = line[host_at:].partition(" ")
-    if not host:
-        return None
-    tag, _, message = rest.partition(" ")
-    if len(tag) < 2 or tag[-1] != ":":
-        return ts, host, None, None, level, fields, rest
-    program, pid = tag[:-1], None
-    if program[-1] == "]":
-        name, _, number = program[:-1].rpartition("[")
-        if name and number.isdecimal() and len(number) < 10:  # to_pid, inlined on the hot path
-            program, pid = name, int(number)
-    return ts, host, program, pid, level, fields, message
-
-
 def unescape_sd(value: str) -> str:
     """An RFC 5424 PARAM-VALUE with its \\" \\\\ \\] escapes undone."""
     return SD_ESCAPE_RE.sub(r"\1", value) if "\\" in value else value
@@ -885,6 +857,65 @@ def parse_rfc5424(line: str, stamps: Stamps) -> Parsed | None:
         message = message[1:]
     return (ts, None if host == "-" else host, None if app == "-" else app, pid, level,
             fields, message)
+
+
+def _parse_syslog(line: str, stamps: Stamps) -> Parsed | None:
+    """parse_syslog() for every shape."""
+    level = fields = None
+    start = 0
+    if line[:1] == "<":
+        pri = read_pri(line)
+        if pri is None:
+            return None
+        level, facility, start = pri
+        if line.startswith("1 ", start):
+            return parse_rfc5424(line, stamps)
+        fields = {"facility": facility}
+    if line[start + 3:start + 4] == " " and line[start:start + 3] in MONTHS:
+        host_at = start + 16
+        ts = stamps.bsd(line[start:host_at - 1]) if line[host_at - 1:host_at] == " " else None
+    elif line[start:start + 1] in DIGITS:
+        host_at = line.find(" ", start) + 1
+        ts = stamps.iso(line[start:host_at - 1]) if host_at else None
+    else:
+        return None  # most continuation lines leave here, at the first character or two
+    if ts is None:
+        return None
+    host, _, rest = line[host_at:].partition(" ")
+    if not host:
+        return None
+    tag, _, message = rest.partition(" ")
+    if len(tag) < 2 or tag[-1] != ":":
+        return ts, host, None, None, level, fields, rest
+    program, pid = tag[:-1], None
+    if program[-1] == "]":
+        name, _, number = program[:-1].rpartition("[")
+        if name and number.isdecimal() and len(number) < 10:  # to_pid, inlined on the hot path
+            program, pid = name, int(number)
+    return ts, host, program, pid, level, fields, message
+
+
+# The usual shape of a syslog file's line, on the hot path of a catch-up; parse_syslog()
+# reads it exactly as its general code above would (a test holds the two to it).
+SYSLOG_RE = re.compile(rf"(?:{MONTH_NAMES}) [ 0-9][0-9] [0-9]{{2}}:[0-9]{{2}}:[0-5][0-9] "
+                       r"([^ ]+) ([^ \[\]:]+)(?:\[([0-9]{1,9})\])?: ")
+
+
+def parse_syslog(line: str, stamps: Stamps) -> Parsed | None:
+    """RFC 3164 as rsyslog and syslog-ng write files: 'Nov 24 13:59:19 host prog[pid]: msg'.
+
+    Also an RFC 3339 time in place of the BSD one, an optional '<PRI>' (giving level and
+    facility), and whole RFC 5424 lines. No 'tag:' after the host: program None and the message
+    is the rest ("last message repeated 3 times").
+    """
+    match = SYSLOG_RE.match(line)
+    if match is not None:
+        head = stamps.bsd_minutes.get(line[:12])
+        ts = head + line[12:15] if head is not None else stamps.bsd(line[:15])
+        if ts is not None:
+            host, program, pid = match.groups()
+            return ts, host, program, pid and int(pid), None, None, line[match.end():]
+    return _parse_syslog(line, stamps)
 
 
 def scrub_surrogates(value):
@@ -1103,187 +1134,6 @@ def detect_format(lines: list[str], stamps: Stamps) -> str:
 
 ParseOptions = collections.namedtuple(
     "ParseOptions", "format pattern multiline_start max_entry_bytes max_entry_lines")
-# One encoder for every row: json.dumps() with options builds a new one per call.
-FIELDS_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-DEFAULT_PARSE = ParseOptions("plain", None, None, MAX_ENTRY_BYTES, MAX_ENTRY_LINES)
-
-
-class EntryBuilder:
-    """Turns one file's complete lines into entry rows; pure, no I/O.
-
-    A row is a tuple in column order, of one of three shapes (see INSERT_ROW):
-    (file_id, offset, raw) for a line that is text and its own message;
-    (file_id, offset, ts, host, program, pid, raw, msg_at) for a header such as
-    syslog's, whose message is the tail of raw; else
-    (file_id, offset, ts, host, program, pid, level, fields, raw, msg, msg_at, part)
-    where "", -1 and 0 stand for NULL.
-    In a multi-line format the last entry is held back until the next entry begins
-    or flush() is called, so that the offset committed (held_offset) never passes
-    an entry that is not stored yet.
-    """
-
-    def __init__(self, file_id: int, options: ParseOptions = DEFAULT_PARSE, stamps=None,
-                 format: str = None, part: int = None):
-        self.file_id = file_id
-        self.options = options
-        self.stamps = stamps
-        self.part = part        # number of the next piece while inside an over-long line
-        self.held = None        # [offset, parsed, raw lines, size in bytes] of the last entry
-        self.format = None
-        self.parse = None
-        self.multiline = False
-        if options.pattern is not None or options.format != "auto":
-            self.set_format(options.format)     # what the user says wins over what was stored
-        elif format is not None:
-            self.set_format(format)
-
-    def set_format(self, format: str) -> None:
-        if self.options.pattern is not None:
-            format = "pattern"
-        self.format = format
-        self.parse = self.options.pattern or PARSERS.get(format)
-        self.multiline = self.options.multiline_start is not None or format in MULTILINE_FORMATS
-
-    def held_offset(self, default: int) -> int:
-        return self.held[0] if self.held is not None else default
-
-    def feed(self, data: bytes, offset: int, mtime: float = None) -> list:
-        """Rows for the complete lines in data (which starts at offset in its file)."""
-        rows = []
-        if self.part is not None:
-            # The first line ends an over-long line stored in pieces so far.
-            cut = data.index(b"\n") + 1
-            rows.extend(self.flush())
-            rows.extend(self._pieces(data[:cut - 1], offset))
-            data, offset = data[cut:], offset + cut
-        if not data:
-            return rows
-        lines, sizes, all_text = _split_lines(data)
-        if self.format is None:
-            self.set_format(detect_format([_readable(line) for line in lines[:100]],
-                                          self.stamps))
-        if self.stamps is not None and mtime is not None:
-            self.stamps.set_reference(mtime)
-        parse, stamps = self.parse, self.stamps
-        start_re = self.options.multiline_start
-        max_bytes, max_lines = self.options.max_entry_bytes, self.options.max_entry_lines
-        held = self.held
-        if sizes is None:
-            sizes = [len(line) + 1 for line in lines]
-        fits = all_text and start_re is None and max(sizes) <= max_bytes
-        if parse is None and fits and not self.multiline:
-            # Plain text lines, the bulk of many logs: rows made without a Python loop.
-            rows.extend(zip(itertools.repeat(self.file_id),
-                            itertools.accumulate(sizes[:-1], initial=offset), lines))
-            return rows
-        texts = lines if all_text else [_readable(line) for line in lines]
-        heads = ([parse(line, stamps) for line in texts] if parse is not None
-                 else [None] * len(lines))
-        if fits and all(heads):
-            # Every line begins an entry (most chunks of most logs): one row a line, and
-            # in a multi-line format the last one held, as the next chunk may continue it.
-            if held is not None:
-                rows.append(self._row(*held))
-            offsets = list(itertools.accumulate(sizes, initial=offset))
-            last = len(lines) - 1 if self.multiline else len(lines)
-            rows.extend(map(self._header_row, offsets[:last], lines[:last], heads[:last]))
-            self.held = ([offsets[last], heads[last], [lines[last]], sizes[last]]
-                         if self.multiline else None)
-            return rows
-        for line, text, size, parsed in zip(lines, texts, sizes, heads):
-            if held is not None and self.multiline and (
-                    not start_re.match(text) if start_re is not None else parsed is None):
-                if held[3] + size <= max_bytes and len(held[2]) < max_lines:
-                    held[2].append(line)
-                    held[3] += size
-                    offset += size
-                    continue
-                parsed = None   # past the cap: the entry goes on as a new, plain one
-            if held is not None:
-                rows.append(self._row(*held))
-            if size > max_bytes:
-                held = None
-                rows.extend(self._pieces(line, offset))
-            else:
-                held = [offset, parsed, [line], size]
-            offset += size
-        if held is not None and not self.multiline:
-            rows.append(self._row(*held))
-            held = None
-        self.held = held
-        return rows
-
-    def feed_piece(self, data: bytes, offset: int) -> list:
-        """Rows for a piece of a line longer than max_entry_bytes (data has no newline)."""
-        rows = self.flush()
-        rows.append(self._piece(data, offset, last=False))
-        return rows
-
-    def flush(self) -> list:
-        """Rows for the held entry, if any: its writer is done with it."""
-        if self.held is None:
-            return []
-        row = self._row(*self.held)
-        self.held = None
-        return [row]
-
-    def _header_row(self, offset, line, parsed):
-        """_row() of a one-line entry that parsed, made short for the usual case."""
-        ts, host, program, pid, level, fields, message = parsed
-        if not (level or fields) and line.endswith(message):
-            return (self.file_id, offset, ts or "", host or "", program or "",
-                    -1 if pid is None else pid, line, len(line) - len(message) + 1)
-        return self._row(offset, parsed, [line], 0)
-
-    def _row(self, offset, parsed, lines, size):
-        if len(lines) == 1:
-            raw = lines[0]
-        elif all(type(line) is str for line in lines):
-            raw = "\n".join(lines)
-        else:
-            raw = b"\n".join(line if type(line) is bytes else line.encode() for line in lines)
-        if parsed is None:
-            if type(raw) is str:
-                return (self.file_id, offset, raw)
-            return (self.file_id, offset, "", "", "", -1, "", "", raw, _readable(raw), 1, 0)
-        ts, host, program, pid, level, fields, message = parsed
-        fields = FIELDS_JSON(fields) if fields else ""
-        first = lines[0]
-        if type(raw) is str and first.endswith(message):
-            # message is raw from msg_at on (1-based): not stored twice.
-            msg, msg_at = "", len(first) - len(message) + 1
-            if not (level or fields):
-                return (self.file_id, offset, ts or "", host or "", program or "",
-                        -1 if pid is None else pid, raw, msg_at)
-        else:
-            msg, msg_at = message, 1
-            if len(lines) > 1:
-                msg += "\n" + _readable(raw)[len(_readable(first)) + 1:]
-        return (self.file_id, offset, ts or "", host or "", program or "",
-                -1 if pid is None else pid, level or "", fields, raw, msg, msg_at, 0)
-
-    def _pieces(self, line, offset):
-        data = line.encode() if type(line) is str else line
-        rows = []
-        while len(data) > self.options.max_entry_bytes:
-            cut = utf8_boundary(data, self.options.max_entry_bytes)
-            rows.append(self._piece(data[:cut], offset, last=False))
-            data, offset = data[cut:], offset + cut
-        if data or self.part is None:
-            rows.append(self._piece(data, offset, last=True))
-        else:
-            self.part = None    # the newline came right after the last full piece
-        return rows
-
-    def _piece(self, data: bytes, offset: int, last: bool):
-        part = self.part or 1
-        self.part = None if last else part + 1
-        if last and data.endswith(b"\r"):
-            data = data[:-1]
-        raw = _raw(data)
-        msg = "" if type(raw) is str else _readable(raw)
-        return (self.file_id, offset, "", "", "", -1, "", "", raw, msg, 1, part)
-
 
 
 def _raw(line: bytes):
@@ -1322,7 +1172,191 @@ def _split_lines(data: bytes):
     return lines, sizes, False
 
 
-# SQLite store #################################################################
+def _joined(lines: list):
+    """The raw of a multi-line entry: its lines joined, text unless one of them is bytes."""
+    if all(type(line) is str for line in lines):
+        return "\n".join(lines)
+    return b"\n".join(line if type(line) is bytes else line.encode() for line in lines)
+
+
+class EntryBuilder:
+    """Turns one file's complete lines into entries; pure, no I/O.
+
+    Entries go to rows, the store's encoder, which makes them rows of its own:
+    rows.lines(file_id, offsets, lines) for lines that are text and their own message,
+    rows.entry(file_id, offset, parsed, raw, message, msg_at, part) for any other entry:
+    raw is its text (bytes when it is not UTF-8 without NUL, lines joined by "\\n"),
+    parsed the Parsed of its first line (None when it did not parse), message its text
+    when that is not raw from msg_at (1-based) on (None when it is), part the number of
+    a piece of an over-long line (None for a whole entry).
+    In a multi-line format the last entry is held back until the next entry begins
+    or flush() is called, so that the offset committed (held_offset) never passes
+    an entry that is not stored yet.
+    """
+
+    def __init__(self, file_id: int, options: ParseOptions, stamps: Stamps, rows,
+                 format: str = None, part: int = None):
+        self.file_id = file_id
+        self.options = options
+        self.stamps = stamps
+        self.rows = rows
+        self.part = part        # number of the next piece while inside an over-long line
+        self.held = None        # [offset, parsed, raw lines, size in bytes] of the last entry
+        self.format = None
+        self.parse = None
+        self.multiline = False
+        if options.pattern is not None or options.format != "auto":
+            self.set_format(options.format)     # what the user says wins over what was stored
+        elif format is not None:
+            self.set_format(format)
+
+    def set_format(self, format: str) -> None:
+        if self.options.pattern is not None:
+            format = "pattern"
+        self.format = format
+        self.parse = self.options.pattern or PARSERS.get(format)
+        self.multiline = self.options.multiline_start is not None or format in MULTILINE_FORMATS
+
+    def held_offset(self, default: int) -> int:
+        return self.held[0] if self.held is not None else default
+
+    def feed(self, data: bytes, offset: int, mtime: float = None) -> list:
+        """Rows for the complete lines in data (which starts at offset in its file)."""
+        rows = []
+        if self.part is not None:
+            # The first line ends an over-long line stored in pieces so far.
+            cut = data.index(b"\n") + 1
+            rows.extend(self.flush())
+            rows.extend(self._pieces(data[:cut - 1], offset))
+            data, offset = data[cut:], offset + cut
+        if not data:
+            return rows
+        lines, sizes, all_text = _split_lines(data)
+        if self.format is None:
+            self.set_format(detect_format([_readable(line) for line in lines[:100]],
+                                          self.stamps))
+        if mtime is not None:
+            self.stamps.set_reference(mtime)
+        if sizes is None:
+            sizes = [len(line) + 1 for line in lines]
+        fits = (all_text and self.options.multiline_start is None
+                and max(sizes) <= self.options.max_entry_bytes)
+        if self.parse is None and fits and not self.multiline:
+            rows.extend(self._feed_plain(lines, sizes, offset))
+            return rows
+        texts = lines if all_text else [_readable(line) for line in lines]
+        heads = ([self.parse(text, self.stamps) for text in texts] if self.parse is not None
+                 else [None] * len(lines))
+        if fits and all(heads):
+            rows.extend(self._feed_headers(lines, sizes, heads, offset))
+        else:
+            rows.extend(self._feed_lines(lines, texts, sizes, heads, offset))
+        return rows
+
+    def _feed_plain(self, lines, sizes, offset):
+        """Plain text lines, the bulk of many logs: rows made without a Python loop."""
+        return self.rows.lines(self.file_id, itertools.accumulate(sizes[:-1], initial=offset),
+                               lines)
+
+    def _feed_headers(self, lines, sizes, heads, offset) -> list:
+        """Every line begins an entry (most chunks of most logs): an entry a line, and in
+        a multi-line format the last one held, as the next chunk may continue it."""
+        rows = [self._entry(*self.held[:3])] if self.held is not None else []
+        offsets = list(itertools.accumulate(sizes, initial=offset))
+        last = len(lines) - 1 if self.multiline else len(lines)
+        rows.extend(map(self._one_line, offsets[:last], lines[:last], heads[:last]))
+        self.held = ([offsets[last], heads[last], [lines[last]], sizes[last]]
+                     if self.multiline else None)
+        return rows
+
+    def _feed_lines(self, lines, texts, sizes, heads, offset) -> list:
+        """The general case: continuation lines, over-long lines, --multiline-start."""
+        start_re = self.options.multiline_start
+        max_bytes, max_lines = self.options.max_entry_bytes, self.options.max_entry_lines
+        rows, held = [], self.held
+        for line, text, size, parsed in zip(lines, texts, sizes, heads):
+            if held is not None and self.multiline and (
+                    not start_re.match(text) if start_re is not None else parsed is None):
+                if held[3] + size <= max_bytes and len(held[2]) < max_lines:
+                    held[2].append(line)
+                    held[3] += size
+                    offset += size
+                    continue
+                parsed = None   # past the cap: the entry goes on as a new, plain one
+            if held is not None:
+                rows.append(self._entry(*held[:3]))
+            if size > max_bytes:
+                held = None
+                rows.extend(self._pieces(line, offset))
+            else:
+                held = [offset, parsed, [line], size]
+            offset += size
+        if held is not None and not self.multiline:
+            rows.append(self._entry(*held[:3]))
+            held = None
+        self.held = held
+        return rows
+
+    def feed_piece(self, data: bytes, offset: int) -> list:
+        """Rows for a piece of a line longer than max_entry_bytes (data has no newline)."""
+        rows = self.flush()
+        rows.append(self._piece(data, offset, last=False))
+        return rows
+
+    def flush(self) -> list:
+        """Rows for the held entry, if any: its writer is done with it."""
+        if self.held is None:
+            return []
+        row = self._entry(*self.held[:3])
+        self.held = None
+        return [row]
+
+    def _one_line(self, offset, line, parsed):
+        """_entry() of a one-line entry that parsed, made short for the usual case."""
+        message = parsed[6]
+        if line.endswith(message):
+            return self.rows.entry(self.file_id, offset, parsed, line, None,
+                                   len(line) - len(message) + 1, None)
+        return self.rows.entry(self.file_id, offset, parsed, line, message, 1, None)
+
+    def _entry(self, offset, parsed, lines):
+        raw = lines[0] if len(lines) == 1 else _joined(lines)
+        if parsed is None:
+            message = None if type(raw) is str else _readable(raw)
+            return self.rows.entry(self.file_id, offset, None, raw, message, 1, None)
+        first, message = lines[0], parsed[6]
+        if type(raw) is str and first.endswith(message):
+            # message is raw from msg_at on (1-based): not stored twice.
+            return self.rows.entry(self.file_id, offset, parsed, raw, None,
+                                   len(first) - len(message) + 1, None)
+        if len(lines) > 1:
+            message += "\n" + _readable(raw)[len(_readable(first)) + 1:]
+        return self.rows.entry(self.file_id, offset, parsed, raw, message, 1, None)
+
+    def _pieces(self, line, offset):
+        data = line.encode() if type(line) is str else line
+        rows = []
+        while len(data) > self.options.max_entry_bytes:
+            cut = utf8_boundary(data, self.options.max_entry_bytes)
+            rows.append(self._piece(data[:cut], offset, last=False))
+            data, offset = data[cut:], offset + cut
+        if data or self.part is None:
+            rows.append(self._piece(data, offset, last=True))
+        else:
+            self.part = None    # the newline came right after the last full piece
+        return rows
+
+    def _piece(self, data: bytes, offset: int, last: bool):
+        part = self.part or 1
+        self.part = None if last else part + 1
+        if last and data.endswith(b"\r"):
+            data = data[:-1]
+        raw = _raw(data)
+        message = None if type(raw) is str else _readable(raw)
+        return self.rows.entry(self.file_id, offset, None, raw, message, 1, part)
+
+
+# Stores #######################################################################
 
 SCHEMA = r"""-- logtail2db schema, version 2 (kept in PRAGMA user_version).
 -- Applied when the database is new; logtail2db.py carries the same text.
@@ -1406,10 +1440,9 @@ PRAGMA user_version = 2;
 """,
 }
 
-# Rows come in three shapes (see EntryBuilder), told by their length. Absent values are
-# "", -1 and 0, made NULL here: CPython's sqlite3 binds None through an adapter lookup,
-# which made inserts twice as slow (4.1 against 2.1 us a row, measured), while str and
-# int are bound directly.
+# Rows come in three shapes, told by their length. Absent values are "", -1 and 0, made NULL
+# here: CPython's sqlite3 binds None through an adapter lookup, which made inserts twice as
+# slow (4.1 against 2.1 us a row, measured), while str and int are bound directly.
 INSERT_ROW = {
     3: "INSERT INTO entries (file_id, offset, raw) VALUES (?, ?, ?)",
     8: "INSERT INTO entries (file_id, offset, ts, host, program, pid, raw, msg_at)"
@@ -1426,6 +1459,8 @@ UPSERT_FILE = (
     " fingerprint = excluded.fingerprint, resume_hash = excluded.resume_hash,"
     " part = excluded.part, format = excluded.format, updated = excluded.updated,"
     " gone = excluded.gone")
+SELECT_FILES = ("SELECT id, path, path_bytes, dev, ino, offset, fingerprint, resume_hash, part,"
+                " format, first_seen, updated, gone FROM files")
 MARK_INGESTED = ("INSERT OR IGNORE INTO ingested (at, first_id)"
                  " SELECT ?, coalesce(max(id), 0) + 1 FROM entries")
 # An entry is older than the cutoff by its own time, or when it has none, by when it was
@@ -1445,21 +1480,105 @@ CREATE TRIGGER entries_fts_delete AFTER DELETE ON entries BEGIN
 END;
 INSERT INTO entries_fts (entries_fts) VALUES ('rebuild');
 """
-SELECT_FILES = ("SELECT id, path, path_bytes, dev, ino, offset, fingerprint, resume_hash, part,"
-                " format, first_seen, updated, gone FROM files")
+# One encoder for every row: json.dumps() with options builds a new one per call.
+FIELDS_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+# What --stats shows of a database: per file (path, path_bytes, offset, gone); per level
+# (level, count); the newest entry's ts; and since an hour 23 hours ago, (level, hours
+# since then, count).
+Stats = collections.namedtuple("Stats", "files levels newest since hourly")
 
 
 def utc_now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
 
 
-def is_transient(exc: sqlite3.Error) -> bool:
-    """A fault that passes (disk full, locked, I/O): roll back and retry later."""
-    name = getattr(exc, "sqlite_errorname", None)   # Python 3.11+
-    if name is not None:
-        return any(name.startswith(prefix) for prefix in TRANSIENT_SQLITE)
-    text = str(exc)
-    return any(word in text for word in ("locked", "full", "disk I/O", "unable to open"))
+def statements(script: str) -> list:
+    """The statements of an SQL script, each complete (triggers with their bodies)."""
+    found, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            found.append(pending.strip())
+            pending = ""
+    return [sql for sql in found if not sql.startswith("--") or "\n" in sql]
+
+
+class Store:
+    """What the event loop asks of a database; SqliteStore and (for fleets) the PostgreSQL
+    store implement it. The loop runs every change inside atomic(): a round's add() and
+    save() calls are one transaction, committed at the end, rolled back by any exception.
+
+    name: how messages call it (no password). rows: the encoder EntryBuilder hands entries
+    to (see EntryBuilder), whose rows add() takes. errors: the exceptions of its driver.
+    """
+
+    name = rows = None
+    errors = ()
+
+    def is_transient(self, exc) -> bool:
+        """A fault that passes (disk full, locked, a cut connection): retry later."""
+        raise NotImplementedError
+
+    def files(self) -> list:
+        """The FileStates of the files followed (not gone)."""
+        raise NotImplementedError
+
+    def gone_files(self, limit: int) -> list:
+        """The FileStates of the files found gone last, the latest first."""
+        raise NotImplementedError
+
+    def max_file_id(self) -> int:
+        raise NotImplementedError
+
+    def atomic(self, now: float = None):
+        """A context manager: one transaction, rolled back on any exception. now (the
+        loop's clock) paces the notes of when entries were stored."""
+        raise NotImplementedError
+
+    def add(self, rows: list) -> None:
+        """Insert rows of entries (from rows' encoder) into the open transaction."""
+        raise NotImplementedError
+
+    def save(self, states: list) -> None:
+        """Store FileStates in the open transaction: each offset covers exactly the
+        entries stored for that file, in this transaction and before; gone set for the
+        files gone."""
+        raise NotImplementedError
+
+    def prune(self, cutoff: str, low: int, span: int) -> int:
+        """--keep: delete the entries older than cutoff among ids low .. low + span - 1,
+        in a transaction of its own; returns how many."""
+        raise NotImplementedError
+
+    def id_range(self) -> tuple:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class SqliteRows:
+    """Entries as rows of INSERT_ROW's shapes (see EntryBuilder for the arguments)."""
+
+    @staticmethod
+    def lines(file_id: int, offsets, lines: list):
+        return zip(itertools.repeat(file_id), offsets, lines)
+
+    @staticmethod
+    def entry(file_id, offset, parsed, raw, message, msg_at, part):
+        if parsed is None:
+            if message is None and part is None:
+                return (file_id, offset, raw)
+            return (file_id, offset, "", "", "", -1, "", "", raw, message or "", msg_at,
+                    part or 0)
+        ts, host, program, pid, level, fields, _ = parsed
+        if message is None and not (level or fields) and part is None:
+            return (file_id, offset, ts or "", host or "", program or "",
+                    -1 if pid is None else pid, raw, msg_at)
+        return (file_id, offset, ts or "", host or "", program or "",
+                -1 if pid is None else pid, level or "", FIELDS_JSON(fields) if fields else "",
+                raw, message or "", msg_at, part or 0)
 
 
 def check_database_file(path: str) -> None:
@@ -1491,13 +1610,8 @@ def other_tailer_pid(path: str):
     return row[0] if row else None
 
 
-def open_store(path: str):
-    """Open (or create) DATABASE for writing: locked, in WAL mode, schema up to date."""
-    if sqlite3.sqlite_version_info < MIN_SQLITE:
-        raise Fatal(f"this Python's sqlite3 module has SQLite {sqlite3.sqlite_version}; "
-                    f"logtail2db needs {'.'.join(map(str, MIN_SQLITE))} or newer "
-                    "(generated columns)")
-    check_database_file(path)
+def lock_database(path: str) -> int:
+    """An fd holding an exclusive flock() on DATABASE, or Fatal naming who holds it."""
     try:
         lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
@@ -1511,28 +1625,43 @@ def open_store(path: str):
         pid = other_tailer_pid(path)
         who = f"pid {pid}" if pid is not None else "pid unknown"
         raise Fatal(f"database {path!r} is in use by another logtail2db ({who})")
-    try:
-        conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_S,
-                               check_same_thread=False)
-        store = Store(conn, lock_fd)
-        store.prepare(path)
-    except BaseException:
-        os.close(lock_fd)
-        raise
-    return store
+    return lock_fd
 
 
-class Store:
+class SqliteStore(Store):
     """The database: one writer (this process, under flock), any number of readers."""
 
-    def __init__(self, conn: sqlite3.Connection, lock_fd: int):
+    rows = SqliteRows
+    errors = (sqlite3.Error,)
+
+    def __init__(self, path: str, conn: sqlite3.Connection, lock_fd: int):
+        self.name = path
         self.conn = conn
         self.lock_fd = lock_fd
         self.marked_at = None   # when the ingested table last got a row from us
+        self.now = None         # the loop's clock when the open transaction began
 
-    def prepare(self, path: str) -> None:
+    @classmethod
+    def open(cls, path: str) -> SqliteStore:
+        """Open (or create) DATABASE for writing: locked, in WAL mode, schema up to date."""
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise Fatal(f"this Python's sqlite3 module has SQLite {sqlite3.sqlite_version}; "
+                        f"logtail2db needs {'.'.join(map(str, MIN_SQLITE))} or newer "
+                        "(generated columns)")
+        check_database_file(path)
+        lock_fd = lock_database(path)
+        try:
+            store = cls(path, sqlite3.connect(path, isolation_level=None,
+                                              timeout=BUSY_TIMEOUT_S), lock_fd)
+            store.prepare()
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return store
+
+    def prepare(self) -> None:
         """Check the schema before changing a byte, then WAL mode, then schema up to date."""
-        conn = self.conn
+        conn, path = self.conn, self.name
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise Fatal(f"{path!r} has schema version {version}, newer than this logtail2db "
@@ -1548,44 +1677,60 @@ class Store:
         # transactions, entries and offsets together, and they are read again.
         conn.execute("PRAGMA synchronous = normal")
         if version == 0:
-            self.script(SCHEMA)
+            self.run_script(SCHEMA)
         elif version < SCHEMA_VERSION:
             log.info("%s: migrating schema %d -> %d", path, version, SCHEMA_VERSION)
             try:
-                self.script("".join(MIGRATIONS[v] for v in range(version, SCHEMA_VERSION)))
+                self.run_script("".join(MIGRATIONS[v] for v in range(version, SCHEMA_VERSION)))
             except sqlite3.Error as exc:
                 raise Fatal(f"{path!r}: migrating schema {version} -> {SCHEMA_VERSION} failed, "
                             f"the database is left as it was: {exc}") from None
-        self.transaction(lambda: conn.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES ('pid', ?)", (os.getpid(),)))
+        with self.atomic():
+            self.begin()
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('pid', ?)",
+                         (os.getpid(),))
 
-    def script(self, sql: str) -> None:
-        """Run a schema script in one transaction: all of it or nothing."""
+    @contextlib.contextmanager
+    def atomic(self, now: float = None):
+        self.now = now
         try:
-            self.conn.executescript("BEGIN IMMEDIATE;\n" + sql + "\nCOMMIT;")
+            yield
+            if self.conn.in_transaction:
+                self.conn.execute("COMMIT")
         except BaseException:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
+            self.marked_at = None   # the mark may have gone with the transaction
             raise
 
-    def transaction(self, work):
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = work()
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return result
+    def begin(self) -> None:
+        """Begin the transaction at its first write, so that an empty round touches
+        nothing; a round's first notes, every MARK_EVERY_S, when its entries are stored."""
+        if not self.conn.in_transaction:
+            self.conn.execute("BEGIN IMMEDIATE")
+            if self.now is not None and (self.marked_at is None
+                                         or self.now - self.marked_at >= MARK_EVERY_S):
+                self.conn.execute(MARK_INGESTED, (utc_now(),))
+                self.marked_at = self.now
+
+    def run_script(self, script: str) -> None:
+        """A schema script in one transaction: all of it or nothing."""
+        with self.atomic():
+            self.begin()
+            for sql in statements(script):
+                self.conn.execute(sql)
+
+    def is_transient(self, exc) -> bool:
+        name = getattr(exc, "sqlite_errorname", None)   # Python 3.11+
+        if name is not None:
+            return any(name.startswith(prefix) for prefix in TRANSIENT_SQLITE)
+        text = str(exc)
+        return any(word in text for word in ("locked", "full", "disk I/O", "unable to open"))
 
     def files(self) -> list:
-        """The states of the files followed (not gone)."""
         return [FileState(*row) for row in self.conn.execute(SELECT_FILES + " WHERE gone IS NULL")]
 
     def gone_files(self, limit: int) -> list:
-        """The states of the files found gone last, the latest first."""
         return [FileState(*row) for row in self.conn.execute(
             SELECT_FILES + " WHERE gone IS NOT NULL ORDER BY gone DESC, id DESC LIMIT ?",
             (limit,))]
@@ -1593,46 +1738,14 @@ class Store:
     def max_file_id(self) -> int:
         return self.conn.execute("SELECT coalesce(max(id), 0) FROM files").fetchone()[0]
 
-    def add(self, entries: list) -> None:
-        """Insert entries into the open transaction, begun here if none is.
+    def add(self, rows: list) -> None:
+        self.begin()
+        for size, shaped in itertools.groupby(rows, len):     # runs of one shape, in order
+            self.conn.executemany(INSERT_ROW[size], shaped)
 
-        Entries go in as they are read, so memory holds one chunk's rows, not a
-        batch's; the transaction (and with it the entries) only counts once
-        commit() stores the offsets that cover them.
-        """
-        if not self.conn.in_transaction:
-            self.begin()
-        for size, rows in itertools.groupby(entries, len):     # runs of one shape, in order
-            self.conn.executemany(INSERT_ROW[size], rows)
-
-    def begin(self) -> None:
-        self.conn.execute("BEGIN IMMEDIATE")
-        if self.marked_at is None or time.monotonic() - self.marked_at >= MARK_EVERY_S:
-            self.conn.execute(MARK_INGESTED, (utc_now(),))
-            self.marked_at = time.monotonic()
-
-    def commit(self, states: list) -> None:
-        """Store the files' new states with the entries added since begin(), atomically.
-
-        Args:
-            states: FileStates: each file's offset covers exactly the entries stored
-                for it, in this transaction and before; gone set for files gone.
-        Raises:
-            sqlite3.Error, the transaction then rolled back: nothing of it is stored.
-        """
-        try:
-            if not self.conn.in_transaction:
-                self.begin()
-            self.conn.executemany(UPSERT_FILE, states)
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.rollback()
-            raise
-
-    def rollback(self) -> None:
-        if self.conn.in_transaction:
-            self.conn.execute("ROLLBACK")
-        self.marked_at = None   # the mark may have gone with the transaction
+    def save(self, states: list) -> None:
+        self.begin()
+        self.conn.executemany(UPSERT_FILE, states)
 
     def enable_fts(self) -> None:
         """--fts: create the full-text index (once), filled from the entries already stored."""
@@ -1647,19 +1760,18 @@ class Store:
         count = self.conn.execute("SELECT count(*) FROM entries").fetchone()[0]
         if count:
             log.info("building the full-text index of %d entries", count)
-        self.script(FTS_SCHEMA)
+        self.run_script(FTS_SCHEMA)
 
-    def id_range(self):
+    def id_range(self) -> tuple:
         return self.conn.execute("SELECT min(id), max(id) FROM entries").fetchone()
 
     def prune(self, cutoff: str, low: int, span: int) -> int:
-        """--keep: delete the entries older than cutoff among ids low .. low + span - 1."""
-        return self.transaction(
-            lambda: self.conn.execute(PRUNE, (low, low + span, cutoff, cutoff)).rowcount)
-
-    def forget_ingested(self, cutoff: str) -> None:
-        self.transaction(lambda: self.conn.execute("DELETE FROM ingested WHERE at < ?",
-                                                   (cutoff,)))
+        with self.atomic():
+            self.begin()
+            deleted = self.conn.execute(PRUNE, (low, low + span, cutoff, cutoff)).rowcount
+            self.conn.execute("DELETE FROM ingested WHERE at < ? AND ? > (SELECT max(id) FROM "
+                              "entries)", (cutoff, low + span - 1))
+        return deleted
 
     def close(self) -> None:
         try:
@@ -1670,116 +1782,49 @@ class Store:
         os.close(self.lock_fd)
 
 
+def read_sqlite_stats(path: str, now_s: float) -> Stats:
+    """What --stats shows of DATABASE, read without writing anything beside it."""
+    check_database_file(path)
+    if not os.path.exists(path):
+        raise Fatal(f"database {path!r} does not exist")
+    # Without a -wal file no tailer has the database open: read it as immutable, which
+    # creates no -wal and -shm files beside it as a read-only connection would.
+    mode = "mode=ro" if os.path.exists(path + "-wal") else "immutable=1"
+    conn = sqlite3.connect(f"file:{urllib.parse.quote(path)}?{mode}", uri=True,
+                           timeout=BUSY_TIMEOUT_S)
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if not 0 < version <= SCHEMA_VERSION:
+            raise Fatal(f"{path!r} is not a logtail2db database this version knows "
+                        f"(schema version {version})")
+        since = time.strftime("%Y-%m-%d %H:00:00", time.gmtime(now_s - 23 * 3600))
+        return Stats(
+            conn.execute("SELECT path, path_bytes, offset, gone FROM files ORDER BY path")
+            .fetchall(),
+            conn.execute("SELECT coalesce(level, '-'), count(*) FROM entries "
+                         "GROUP BY 1 ORDER BY 2 DESC, 1").fetchall(),
+            conn.execute("SELECT max(ts) FROM entries").fetchone()[0],
+            since,
+            conn.execute("SELECT coalesce(level, '-'), (strftime('%s', ts) - strftime('%s', ?))"
+                         " / 3600, count(*) FROM entries WHERE ts >= ? GROUP BY 1, 2",
+                         (since, since)).fetchall())
+    finally:
+        conn.close()
+
+
+def open_store(target: str) -> Store:
+    """The store DATABASE names, open for writing."""
+    return SqliteStore.open(target)
+
+
 # Event loop ###################################################################
 
 class WorkerLost(Exception):
     """The parse worker died; what it parsed in this round is read again in-process."""
 
 
-class ParseWorker:
-    """A child process that parses a big backlog while this one inserts, so that a catch-up
-    uses both cores; one per tailer, started when the first big backlog is seen.
-
-    A run covers one file's backlog: the request carries the file's fd (SCM_RIGHTS), the
-    range and its builder's state; the worker reads and parses it a chunk at a time and
-    answers each chunk with its rows and the builder's state after it, so that this side
-    always knows where an entry is held. Messages are marshal frames on a socketpair; its
-    buffers let the worker parse ahead while rows are inserted, across commits.
-    """
-
-    def __init__(self, options: ParseOptions):
-        ours, theirs = socket.socketpair()
-        for sock in (ours, theirs):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WORKER_BUFFER)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, WORKER_BUFFER)
-        self.pid = os.fork()
-        if self.pid == 0:
-            ours.close()
-            _serve(theirs, options)     # never returns
-        theirs.close()
-        self.sock = ours
-        self.file = None        # the Tracked whose run is under way...
-        self.stop = 0           # ...up to this offset
-
-    def start(self, t, stop: int, mtime: float) -> None:
-        builder = t.builder
-        send_frame(self.sock, ("parse", t.id, builder.format, builder.part, builder.held,
-                               t.pos, stop, mtime), t.fd)
-        self.file, self.stop = t, stop
-
-    def next(self):
-        """The next chunk of the run, (rows, end), its state put into the file's builder;
-        None once the run is over."""
-        message = receive_frame(self.sock)
-        if message[0] == "done":
-            self.file = None
-            return None
-        _, rows, end, format, part, held = message
-        builder = self.file.builder
-        if format != builder.format:
-            builder.set_format(format)
-        builder.part, builder.held = part, held
-        return rows, end
-
-    def cancel(self) -> None:
-        """End the run: chunks parsed but not taken are dropped."""
-        if self.file is not None:
-            send_frame(self.sock, ("stop",))
-            while receive_frame(self.sock)[0] != "done":
-                pass
-            self.file = None
-
-    def close(self) -> None:
-        self.sock.close()       # the worker sees EOF and exits
-        try:
-            os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass    # already reaped
-
-
-def _serve(sock: socket.socket, options: ParseOptions) -> None:
-    """The worker's life: parse what is asked until the socket closes."""
-    try:
-        signal.set_wakeup_fd(-1)
-        # systemd and terminals signal the whole group: the tailer stores what it took from
-        # us, then closes the socket, and that ends us.
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_IGN)
-        # Keep no fd of the tailer's: not its lock on the database, not its log files.
-        os.closerange(3, sock.fileno())
-        os.closerange(sock.fileno() + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-        stamps = Stamps()
-        while True:
-            try:
-                request, fd = receive_frame(sock, with_fd=True)
-            except WorkerLost:
-                os._exit(0)     # the tailer closed the socket: done
-            if request[0] == "stop":
-                continue        # the run it meant to stop had ended already
-            _, file_id, format, part, held, pos, stop, mtime = request
-            builder = EntryBuilder(file_id, options, stamps, format, part)
-            builder.held = held
-            try:
-                while pos < stop and not select.select([sock], [], [], 0)[0]:
-                    data, end, _ = read_complete(fd, pos, min(READ_CHUNK, stop - pos))
-                    if not data:
-                        break   # a line without its newline yet, or an over-long one
-                    rows = builder.feed(data, pos, mtime)
-                    send_frame(sock, ("rows", rows, end, builder.format, builder.part,
-                                      builder.held))
-                    pos = end
-            finally:
-                os.close(fd)
-            if pos < stop and select.select([sock], [], [], 0)[0]:
-                receive_frame(sock)     # the stop that ended the run early
-            send_frame(sock, ("done",))
-    except BaseException as exc:
-        log.error("parse worker: %r", exc)
-        os._exit(1)     # the tailer sees the socket close and parses in-process
-    os._exit(0)
-
-
 _FRAME = struct.Struct("Q")
+DONE_FRAME = marshal.dumps(("done",))     # the worker's end of a run
 
 
 def send_frame(sock: socket.socket, message, fd: int = None) -> None:
@@ -1796,20 +1841,6 @@ def send_frame(sock: socket.socket, message, fd: int = None) -> None:
         raise WorkerLost(f"the parse worker's socket closed ({exc.strerror})") from None
 
 
-def receive_frame(sock: socket.socket, with_fd: bool = False):
-    fds = array.array("i")
-    if with_fd:
-        header, ancillary, _, _ = sock.recvmsg(_FRAME.size, socket.CMSG_SPACE(fds.itemsize))
-        for level, kind, data in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-    else:
-        header = b""
-    header += _receive_exactly(sock, _FRAME.size - len(header))
-    message = marshal.loads(_receive_exactly(sock, _FRAME.unpack(header)[0]))
-    return (message, fds[0] if fds else None) if with_fd else message
-
-
 def _receive_exactly(sock: socket.socket, size: int) -> bytearray:
     data = bytearray(size)
     view = memoryview(data)
@@ -1823,6 +1854,266 @@ def _receive_exactly(sock: socket.socket, size: int) -> bytearray:
             raise WorkerLost("the parse worker's socket closed")
         got += n
     return data
+
+
+def receive_request(sock: socket.socket):
+    """The worker's side: the next request and the fd that came with it (or None)."""
+    fds = array.array("i")
+    header, ancillary, _, _ = sock.recvmsg(_FRAME.size, socket.CMSG_SPACE(fds.itemsize))
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    header += _receive_exactly(sock, _FRAME.size - len(header))
+    message = marshal.loads(_receive_exactly(sock, _FRAME.unpack(header)[0]))
+    return message, fds[0] if fds else None
+
+
+def _parse_run(sock, fd: int, request, options, stamps, rows) -> None:
+    """Parse fd from pos to its size a chunk at a time, each answered with its rows and the
+    builder's state after it, until done or a "stop" comes."""
+    _, file_id, format, part, held, pos = request
+    st = os.fstat(fd)
+    builder = EntryBuilder(file_id, options, stamps, rows, format, part)
+    builder.held = held
+    while pos < st.st_size:
+        if select.select([sock], [], [], 0)[0]:
+            receive_request(sock)       # the "stop" that ends the run early
+            return
+        data, end, _ = read_complete(fd, pos, min(READ_CHUNK, st.st_size - pos))
+        if not data:
+            return      # a line without its newline yet, or an over-long one
+        batch = list(builder.feed(data, pos, st.st_mtime))
+        send_frame(sock, ("rows", batch, end, builder.format, builder.part, builder.held))
+        pos = end
+
+
+def _serve(sock: socket.socket, options: ParseOptions, rows) -> None:
+    """The worker's life: parse what is asked until the socket closes."""
+    try:
+        signal.set_wakeup_fd(-1)
+        # systemd and terminals signal the whole group: the tailer stores what it took from
+        # us, then closes the socket, and that ends us.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
+        # Keep no fd of the tailer's: not its lock on the database, not its log files.
+        os.closerange(3, sock.fileno())
+        os.closerange(sock.fileno() + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        stamps = Stamps()
+        while True:
+            try:
+                request, fd = receive_request(sock)
+            except WorkerLost:
+                os._exit(0)     # the tailer closed the socket: done
+            if request[0] == "parse":
+                try:
+                    _parse_run(sock, fd, request, options, stamps, rows)
+                finally:
+                    os.close(fd)
+                send_frame(sock, ("done",))
+            # else a "stop" for a run that had ended already
+    except BaseException as exc:
+        log.error("parse worker: %r", exc)
+        os._exit(1)     # the tailer sees the socket close and parses in-process
+    os._exit(0)
+
+
+class ParseWorker:
+    """A child process that parses a big backlog on the other core while this one inserts;
+    one per tailer, started for the first big backlog.
+
+    take() hands it a file's backlog (the fd by SCM_RIGHTS, where to start, the builder's
+    state) when it is free, and takes the chunks it has sent back: their rows go to the
+    store, the builder takes its state after them. Nothing here waits for the worker: its
+    socket is in the loop's select(), and the file is read on once chunks have come.
+    """
+
+    def __init__(self, options: ParseOptions, rows):
+        ours, theirs = socket.socketpair()
+        for sock in (ours, theirs):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WORKER_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, WORKER_BUFFER)
+        self.pid = os.fork()
+        if self.pid == 0:
+            ours.close()
+            _serve(theirs, options, rows)     # never returns
+        theirs.close()
+        self.sock = ours
+        self.file = None        # the Tracked whose backlog it parses
+        self.stopping = False   # a run was abandoned: what it sends is dropped until "done"
+        self.inbox = bytearray()    # received, not yet a whole frame
+        self.chunks = collections.deque()   # frames of the run under way, not taken yet
+        self.taken = 0          # chunks taken of the run under way
+        self.dry = None         # (file, offset) where a run found no whole line to parse
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def free(self) -> bool:
+        return self.file is None and not self.stopping
+
+    def wants_input(self) -> bool:
+        """Whether select() should wake the loop for what the worker sends."""
+        return (self.file is not None and not self.chunks) or self.stopping
+
+    def take(self, t, budget: int, add_rows) -> int:
+        """Take up to budget bytes of t's backlog (starting t's run if the worker is free);
+        returns the bytes taken, 0 while its chunks have not come (or it is busy)."""
+        if self.free():
+            log.debug("parse worker takes %s from offset %d", shown(t.name or t.state.path),
+                      t.pos)
+            send_frame(self.sock, ("parse", t.id, t.builder.format, t.builder.part,
+                                   t.builder.held, t.pos), t.fd)
+            self.file = t
+        if self.file is not t:
+            return 0
+        self.receive()
+        start = t.pos
+        while self.chunks and t.pos - start < budget:
+            frame = self.chunks.popleft()
+            if frame == DONE_FRAME:
+                if not self.taken:
+                    self.dry = (t, t.pos)   # no whole line there: not the worker's to read
+                self.file, self.taken = None, 0
+                break
+            # Decoded only now: a chunk's rows take several times its bytes in memory.
+            _, rows, t.pos, format, part, held = marshal.loads(frame)
+            if format != t.builder.format:
+                t.builder.set_format(format)
+            t.builder.part, t.builder.held = part, held
+            add_rows(t, rows)
+            self.taken += 1
+        return t.pos - start
+
+    def receive(self) -> None:
+        """Take in what the worker has sent, without waiting, while no chunks wait."""
+        while not self.chunks:      # one chunk at a time: memory holds one chunk's rows
+            try:
+                data = self.sock.recv(RECEIVE_BYTES, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                raise WorkerLost("the parse worker's socket closed")
+            self.inbox += data
+            self.split_frames()
+
+    def split_frames(self) -> None:
+        """Move the whole frames received from inbox to chunks, or past an abandoned run."""
+        while len(self.inbox) >= _FRAME.size:
+            end = _FRAME.size + _FRAME.unpack_from(self.inbox)[0]
+            if len(self.inbox) < end:
+                break
+            frame = bytes(self.inbox[_FRAME.size:end])
+            del self.inbox[:end]
+            if self.stopping:
+                self.stopping = frame != DONE_FRAME
+            else:
+                self.chunks.append(frame)
+
+    def abandon(self, t) -> None:
+        """End t's run: chunks parsed but not taken are dropped, t's builder keeps its state
+        as of the last one taken."""
+        if self.file is t:
+            self.file, self.taken = None, 0
+            if DONE_FRAME not in self.chunks:
+                send_frame(self.sock, ("stop",))
+                self.stopping = True
+            self.chunks.clear()
+
+    def close(self) -> None:
+        self.sock.close()       # the worker sees EOF and exits
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass    # already reaped
+
+
+class Backoff:
+    """Retries after a fault that passes (disk full, locked): one error line when it
+    starts, one line when it works again, the pause doubling up to RETRY_MAX_S."""
+
+    def __init__(self):
+        self.at = None      # when to try again
+        self.delay = RETRY_MIN_S
+
+    def waiting(self, now: float) -> bool:
+        return self.at is not None and now < self.at
+
+    def failed(self, exc, now: float) -> None:
+        if self.delay == RETRY_MIN_S:
+            log.error("cannot store entries: %s; retrying until it works", exc)
+        self.at = now + self.delay
+        self.delay = min(self.delay * 2, RETRY_MAX_S)
+
+    def worked(self) -> None:
+        if self.delay != RETRY_MIN_S:
+            log.warning("database writable again; storing resumed")
+        self.at, self.delay = None, RETRY_MIN_S
+
+
+class Retention:
+    """--keep: a sweep over the entries every PRUNE_EVERY_S, deleting among PRUNE_SPAN ids
+    per transaction with PRUNE_PAUSE_S between, so that ingestion never waits. Offsets stay
+    as they are, so nothing is read again."""
+
+    def __init__(self, keep_s: float, now: float):
+        self.keep_s = keep_s
+        self.at = now
+        self.sweep = None       # [cutoff, next id, last id, deleted] while sweeping
+
+    def step(self, store: Store, now: float) -> None:
+        if self.sweep is None:
+            low, high = store.id_range()
+            if low is None:
+                self.at = now + PRUNE_EVERY_S
+                return
+            cutoff = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() - self.keep_s))
+            self.sweep = [cutoff, low, high, 0]
+        cutoff, low, high, deleted = self.sweep
+        try:
+            deleted += store.prune(cutoff, low, PRUNE_SPAN)
+        except store.errors as exc:
+            if not store.is_transient(exc):
+                raise
+            log.debug("retention put off: %s", exc)     # the commits report the fault
+            self.at = now + RETRY_MAX_S
+            return
+        if low + PRUNE_SPAN > high:
+            if deleted:
+                log.info("retention: deleted %d entries older than %s UTC", deleted, cutoff)
+            self.sweep = None
+            self.at = now + PRUNE_EVERY_S
+        else:
+            self.sweep = [cutoff, low + PRUNE_SPAN, high, deleted]
+            self.at = now + PRUNE_PAUSE_S
+
+
+class Progress:
+    """On a terminal, a catch-up longer than PROGRESS_AFTER_S shows one line, in place."""
+
+    def __init__(self, stream, started: float):
+        self.stream = stream
+        self.started = started
+        self.at = started + PROGRESS_AFTER_S
+        self.shown = False
+
+    def show(self, now: float, done: int, left: int, entries: int) -> None:
+        if not left:
+            if self.shown:
+                self.stream.write("\r\x1b[K")
+                self.shown = False
+            return
+        if now < self.at:
+            return
+        self.at = now + PROGRESS_EVERY_S
+        elapsed = now - self.started
+        eta = left / (done / elapsed) if done else 0
+        self.stream.write(f"\rcatching up: {human_bytes(done)} of {human_bytes(done + left)}, "
+                          f"{entries / elapsed:,.0f} entries/s, "
+                          f"ETA {int(eta) // 60}:{int(eta) % 60:02d}\x1b[K")
+        self.stream.flush()
+        self.shown = True
 
 
 class Tracked:
@@ -1879,18 +2170,241 @@ class Tracked:
         return Original(self.state.id, self.state.path, self.builder.format if self.builder
                         else self.state.format, self.head, tuple(checkpoints), live)
 
+    def look(self, st, hashes: dict, now: float) -> Look:
+        """What identify() needs of this file besides the tail hashes: its first bytes, and
+        whether it is complete (its writer closed it, or it was quiet for COPY_QUIET_S)."""
+        head = os.pread(self.fd, FINGERPRINT_BYTES, 0)
+        complete = self.closed or now - self.last_data >= COPY_QUIET_S or self.name is None
+        return Look(st.st_dev, st.st_ino, self.state.path, st.st_size, head, hashes, complete)
+
+    def begin(self, state: FileState) -> None:
+        """The inode's content is new: follow it as a new file, read from its start."""
+        self.state = state
+        self.pos, self.head, self.checkpoints, self.candidate = 0, b"", [], False
+
+    def copy_of(self, verdict: Verdict, head: bytes) -> None:
+        """A copy: its first verdict.offset bytes are stored already (as its original's)."""
+        self.pos = verdict.offset
+        self.head = head[:verdict.offset]
+        self.checkpoints = [(self.pos, tail_hash(self.fd, self.pos))]
+        self.state = self.state._replace(offset=self.pos, format=verdict.original.format)
+
+    def read_state(self) -> FileState:
+        """Its state as far as it is read: what was stored of it when its content left."""
+        return self.position()._replace(fingerprint=self.head[:self.pos], part=self.builder.part,
+                                        format=self.builder.format)
+
+    def committed_state(self, now: str) -> FileState:
+        """Its state once the open transaction is committed: its offset just past what is
+        stored of it (the entry its builder holds is not), with that offset's tail hash."""
+        offset = self.builder.held_offset(self.pos)
+        last = self.checkpoints[-1] if self.checkpoints else (None, None)
+        if last[0] == offset:
+            value = last[1]
+        else:
+            value = tail_hash(self.fd, offset) if self.fd is not None else None
+        return self.state._replace(offset=offset, fingerprint=self.head[:offset],
+                                   resume_hash=value, part=self.builder.part,
+                                   format=self.builder.format, updated=now)
+
     def __repr__(self):
         return (f"<Tracked {self.state.id} {shown(self.name)} offset={self.state.offset} "
                 f"pos={self.pos}>")
 
 
-class Tailer:
-    """Follows DIRECTORY: one select() over inotify and the signal pipe, one writer."""
+class Directory:
+    """DIRECTORY as the tailer follows it: its inotify watch (or polling), which of its
+    names are worth reading, the events gathered on them until a round takes them, when to
+    scan it again, and the warnings about its names, given once."""
 
-    def __init__(self, directory: bytes, store: Store, options):
-        self.directory = directory
+    def __init__(self, path: bytes, options):
+        self.path = path
+        self.options = options
+        self.inotify_fd = self.wd = None
+        self.poll_s = options.poll
+        self.missing = False    # deleted or moved away: looked for every DIR_RETRY_S
+        self.rescan_at = 0.0
+        self.dirty = {}         # name -> inotify mask gathered since the last round
+        self.link_watches = {}  # wd -> names: watches on symlink targets (--follow-symlinks)
+        self.skip = set()       # (dev, ino) never read: the database's own files...
+        self.skip_names = set() # ...and their names, when the database is in DIRECTORY
+        self.warned = set()     # (name, what): warnings given once
+
+    def watch(self) -> None:
+        """Start inotify on DIRECTORY, or fall back to polling when it cannot be had."""
+        if self.poll_s is not None or self.options.once:
+            return
+        try:
+            if self.inotify_fd is None:
+                self.inotify_fd = init()
+            self.wd = add_watch(self.inotify_fd, self.path, DIR_MASK | IN_ONLYDIR)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise
+            self.poll_s = DEFAULT_POLL_S
+            log.warning("inotify unavailable (%s): polling %s every %g s instead",
+                        exc.strerror, shown(self.path), self.poll_s)
+
+    def how(self) -> str:
+        if self.poll_s is not None:
+            return f"polling every {self.poll_s:g} s"
+        return f"inotify via {binding_name()}"
+
+    def skip_own_files(self, database: str) -> None:
+        """Never read the database's own files, nor a stderr redirected into DIRECTORY."""
+        base = os.fsencode(os.path.abspath(database))
+        for suffix in DB_SUFFIXES:
+            try:
+                st = os.stat(base + suffix)
+            except OSError:
+                continue    # -wal and -shm come and go with connections
+            self.skip.add((st.st_dev, st.st_ino))
+        self.skip_names = {os.path.basename(base) + s for s in DB_SUFFIXES
+                           if os.path.dirname(base) == self.path}
+        try:
+            st = os.fstat(sys.stderr.fileno())
+        except (OSError, ValueError, AttributeError):
+            return      # no stderr at all (closed by the caller)
+        if stat.S_ISREG(st.st_mode):
+            self.skip.add((st.st_dev, st.st_ino))
+
+    def holds(self, state: FileState) -> bytes | None:
+        """The path of a stored file when it is in DIRECTORY itself, else None."""
+        path = state.path_bytes if state.path_bytes is not None else os.fsencode(state.path)
+        prefix = self.path + b"/"
+        if path.startswith(prefix) and b"/" not in path[len(prefix):]:
+            return path
+        return None
+
+    def wanted(self, name: bytes) -> bool:
+        if name in self.skip_names:
+            return False
+        text = os.fsdecode(name)
+        if self.options.include and not any(fnmatch.fnmatchcase(text, p)
+                                            for p in self.options.include):
+            return False
+        return not any(fnmatch.fnmatchcase(text, p) for p in self.options.exclude)
+
+    def listing(self, now: float) -> dict:
+        """{name: inode} of what is in DIRECTORY now; the next scan is due a while later."""
+        self.rescan_at = now + (self.poll_s or self.options.rescan)
+        with os.scandir(self.path) as entries:
+            return {entry.name: entry.inode() for entry in entries}
+
+    def dispatch(self, event: Event) -> bool:
+        """Note an inotify event; True when it says DIRECTORY itself is gone."""
+        if event.mask & IN_Q_OVERFLOW:
+            log.warning("inotify queue overflowed: rescanning %s", shown(self.path))
+            self.rescan_at = 0.0
+        elif event.wd in self.link_watches:
+            if event.mask & IN_IGNORED:
+                del self.link_watches[event.wd]     # the target is gone
+            for name in self.link_watches.get(event.wd, ()):
+                self.dirty[name] = self.dirty.get(name, 0) | event.mask
+        elif event.wd != self.wd:
+            pass        # an old watch's last events (IN_IGNORED after rm_watch)
+        elif not event.name:
+            return bool(event.mask & DIR_GONE)
+        elif not event.mask & IN_ISDIR:
+            self.dirty[event.name] = self.dirty.get(event.name, 0) | event.mask
+        return False
+
+    def take_dirty(self) -> dict:
+        dirty, self.dirty = self.dirty, {}
+        return dirty
+
+    def open_name(self, name: bytes, open_path):
+        """(fd, stat) of the regular file that name leads to, opened with open_path, or None
+        (said once why); FileNotFoundError when it leads nowhere."""
+        try:
+            fd = open_path(os.path.join(self.path, name))
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                self.warn_once(name, "symlink", logging.INFO,
+                               "%s: a symlink, not followed (see --follow-symlinks)")
+            elif exc.errno == errno.ENXIO:
+                self.warn_once(name, "special", logging.INFO, "%s: not a regular file, skipped")
+            else:
+                self.warn_once(name, exc.errno, logging.WARNING, "%s: cannot read: %s",
+                               exc.strerror)
+            return None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in self.skip:
+            if not stat.S_ISREG(st.st_mode):    # a subdirectory is usual: no need to say so
+                level = logging.DEBUG if stat.S_ISDIR(st.st_mode) else logging.INFO
+                self.warn_once(name, "special", level, "%s: not a regular file, skipped")
+            os.close(fd)
+            return None
+        if self.warned:
+            self.warned = {w for w in self.warned if w[0] != name}
+        return fd, st
+
+    def watch_link(self, name: bytes) -> None:
+        """A followed symlink's target changes without events in DIRECTORY: watch it too."""
+        path = os.path.join(self.path, name)
+        if not (self.options.follow_symlinks and self.inotify_fd is not None
+                and os.path.islink(path)):
+            return
+        try:
+            wd = add_watch(self.inotify_fd, path, IN_MODIFY | IN_CLOSE_WRITE)
+        except OSError as exc:
+            self.warn_once(name, "link", logging.WARNING,
+                           "%s: cannot watch the symlink's target (%s); it is rescanned", exc)
+            return
+        self.link_watches.setdefault(wd, set()).add(name)
+
+    def unwatch_link(self, name: bytes) -> None:
+        for wd, names in list(self.link_watches.items()):
+            names.discard(name)
+            if not names:
+                del self.link_watches[wd]
+                try:
+                    rm_watch(self.inotify_fd, wd)
+                except OSError:
+                    pass    # the target is gone, and its watch with it
+
+    def lose(self, now: float) -> None:
+        """DIRECTORY was deleted or moved away: look for it again every DIR_RETRY_S."""
+        log.warning("%s vanished; waiting for it to come back", shown(self.path))
+        self.missing = True
+        if self.wd is not None:
+            try:
+                rm_watch(self.inotify_fd, self.wd)
+            except OSError:
+                pass    # the kernel already dropped the watch (IN_IGNORED after a deletion)
+            self.wd = None
+        self.rescan_at = now + DIR_RETRY_S
+
+    def find(self, now: float) -> None:
+        try:
+            if self.inotify_fd is not None:
+                self.wd = add_watch(self.inotify_fd, self.path, DIR_MASK | IN_ONLYDIR)
+            elif not stat.S_ISDIR(os.stat(self.path).st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory")
+        except OSError:
+            self.rescan_at = now + DIR_RETRY_S
+            return
+        log.warning("%s is back; following it again", shown(self.path))
+        self.missing = False
+        self.rescan_at = 0.0
+
+    def warn_once(self, name: bytes, what, level: int, message: str, *args) -> None:
+        if (name, what) not in self.warned:
+            self.warned.add((name, what))
+            log.log(level, message, shown(name), *args)
+
+
+class Tailer:
+    """Follows DIRECTORY: one select() over inotify, the signal pipe and the parse worker;
+    each wake-up's reading stored in one transaction with the files' new offsets."""
+
+    def __init__(self, directory: bytes, store: Store, options, clock=time.monotonic):
+        self.directory = Directory(directory, options)
         self.store = store
         self.options = options
+        self.clock = clock      # the one clock of the timing rules; tests bring their own
         self.parse_options = ParseOptions(options.format, options.pattern,
                                           options.multiline_start, options.max_entry_bytes,
                                           options.max_entry_lines)
@@ -1902,7 +2416,6 @@ class Tailer:
         self.originals = Originals()    # what a new file may be a copy of
         self.undecided = {}     # Tracked -> when to look again (None: at its next event):
                                 # files that may be copies still being written
-        self.dirty = {}         # name -> inotify mask gathered since the last round
         self.pending = {}       # Tracked -> None: more to read (an ordered set)
         self.touched = {}       # Tracked -> None: state to store in the next commit
         self.added = 0          # entries in the open transaction
@@ -1910,34 +2423,23 @@ class Tailer:
                                 # committed as gone with the last entries read of them
         self.detached = {}      # Tracked -> None: no longer under any name, read until quiet
         self.holders = set()    # Tracked whose builder holds back a last entry
-        self.link_watches = {}  # wd -> names: watches on symlink targets (--follow-symlinks)
         self.open = collections.OrderedDict()  # Tracked -> None with an open fd, least
                                                # recently read first: max_open at most
         self.max_open = options.max_open_files
-        self.skip = set()       # (dev, ino) never read: the database's own files...
-        self.skip_names = set() # ...and their names, when the database is in DIRECTORY
-        self.warned = set()     # (name, what): warnings given once
         self.next_id = store.max_file_id() + 1
         self.stopping = False
         self.starting = True    # until the first scan is through: --from-end, gone files
-        self.inotify_fd = None
-        self.wd = None
-        self.directory_missing = False
-        self.poll_s = options.poll
-        self.rescan_at = 0.0
-        self.retry_at = None
-        self.retry_s = RETRY_MIN_S
+        self.scan_left = None   # names of a scan still to look at, sorted (None: no scan)
         self.wake_r = self.wake_w = None
+        self.backoff = Backoff()
         self.worker = None      # ParseWorker, started for the first big backlog
+        self.turns = {}         # Tracked -> None: big backlogs waiting for the worker
         self.use_worker = options.cores > 1     # False too once it failed
         self.stats = collections.Counter()     # entries, bytes: for progress and the summary
-        self.started = time.monotonic()
-        self.keep_s = options.keep
-        self.prune_at = self.started if options.keep else None
-        self.sweep = None       # [cutoff, next id, last id, deleted] while --keep sweeps
-        self.progress = sys.stderr.isatty() and log.isEnabledFor(logging.INFO)
-        self.progress_at = self.started + PROGRESS_AFTER_S
-        self.progress_shown = False
+        self.started = clock()
+        self.retention = Retention(options.keep, self.started) if options.keep else None
+        show = sys.stderr.isatty() and log.isEnabledFor(logging.INFO)
+        self.progress = Progress(sys.stderr, self.started) if show else None
 
     # -- setting up ------------------------------------------------------------
 
@@ -1952,83 +2454,55 @@ class Tailer:
         self.stopping = True    # no work in a signal handler: the loop sees the flag
 
     def _on_hup(self, signum, frame):
-        self.rescan_at = 0.0
-
-    def watch(self) -> None:
-        """Start inotify on DIRECTORY, or fall back to polling when it cannot be had."""
-        if self.poll_s is not None or self.options.once:
-            return
-        try:
-            if self.inotify_fd is None:
-                self.inotify_fd = init()
-            self.wd = add_watch(self.inotify_fd, self.directory, DIR_MASK | IN_ONLYDIR)
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                raise
-            self.poll_s = DEFAULT_POLL_S
-            log.warning("inotify unavailable (%s): polling %s every %g s instead",
-                        exc.strerror, shown(self.directory), self.poll_s)
-
-    def skip_own_files(self, database: str) -> None:
-        """Never read the database's own files, nor a stderr redirected into DIRECTORY."""
-        base = os.fsencode(os.path.abspath(database))
-        for suffix in DB_SUFFIXES:
-            try:
-                st = os.stat(base + suffix)
-            except OSError:
-                continue    # -wal and -shm come and go with connections
-            self.skip.add((st.st_dev, st.st_ino))
-        self.skip_names = {os.path.basename(base) + s for s in DB_SUFFIXES
-                           if os.path.dirname(base) == self.directory}
-        try:
-            st = os.fstat(sys.stderr.fileno())
-        except (OSError, ValueError, AttributeError):
-            return      # no stderr at all (closed by the caller)
-        if stat.S_ISREG(st.st_mode):
-            self.skip.add((st.st_dev, st.st_ino))
+        self.directory.rescan_at = 0.0
 
     def load(self) -> None:
         """Files the database follows in DIRECTORY, to be matched while scanning, and the
         ones whose content left it lately, whose copies may still show up."""
         for state in self.store.files():
-            path = self.in_directory(state)
+            path = self.directory.holds(state)
             if path is not None:
                 self.resumable[(state.dev, state.ino)] = state
                 self.by_path[(path, state.ino)] = (state.dev, state.ino)
         for state in reversed(self.store.gone_files(MAX_REMEMBERED)):
-            if self.in_directory(state) is not None:
+            if self.directory.holds(state) is not None:
                 self.originals.remember(stored_original(state))
-
-    def in_directory(self, state: FileState) -> bytes | None:
-        """The path of a stored file when it is in DIRECTORY itself, else None."""
-        path = state.path_bytes if state.path_bytes is not None else os.fsencode(state.path)
-        prefix = self.directory + b"/"
-        if path.startswith(prefix) and b"/" not in path[len(prefix):]:
-            return path
-        return None
 
     # -- the loop --------------------------------------------------------------
 
     def run(self) -> None:
         """Catch up, then follow events until SIGTERM/SIGINT (or, with --once, until caught up)."""
-        self.watch()
-        self.guarded(self.scan)
-        if not self.options.once:
-            how = (f"polling every {self.poll_s:g} s" if self.poll_s is not None
-                   else f"inotify via {binding_name()}")
-            log.info("watching %s: %d files (%s)", shown(self.directory), len(self.names), how)
-        while not self.stopping:
-            if self.options.once and not (self.pending or self.dirty or self.retry_at):
+        self.directory.watch()
+        now = self.clock()
+        while True:     # the first scan, in transactions of at most max_open new files
+            self.stored(now, lambda: self.scan(now))
+            self.close_idle()
+            if self.scan_left is None or self.backoff.at is not None:
                 break
-            self.step()
-        self.finish()
+        if not self.options.once:
+            log.info("watching %s: %d files (%s)", shown(self.directory.path), len(self.names),
+                     self.directory.how())
+        while not self.stopping and not (self.options.once and self.caught_up()):
+            self.wait(now)
+            now = self.clock()
+            self.round(now)
+        self.finish(self.clock())
 
-    def step(self) -> None:
-        """One wake-up: wait for events or the next deadline, then do what is due."""
+    def caught_up(self) -> bool:
+        """--once is done: nothing to read, nothing to retry, the worker idle."""
+        return not (self.pending or self.directory.dirty or self.backoff.at or self.scan_left
+                    or self.turns or (self.worker is not None and not self.worker.free()))
+
+    def wait(self, now: float) -> None:
+        """Sleep in select() until an event, a signal, the worker's rows or the next
+        deadline, and take in what woke it."""
+        inotify_fd = self.directory.inotify_fd
         rlist = [self.wake_r]
-        if self.inotify_fd is not None:
-            rlist.append(self.inotify_fd)
-        ready, _, _ = select.select(rlist, [], [], self.timeout(time.monotonic()))
+        if inotify_fd is not None:
+            rlist.append(inotify_fd)
+        if self.worker is not None and self.worker.wants_input():
+            rlist.append(self.worker)
+        ready = select.select(rlist, [], [], self.timeout(now))[0]
         if self.wake_r in ready:
             while True:
                 try:
@@ -2036,20 +2510,28 @@ class Tailer:
                         break
                 except BlockingIOError:
                     break   # drained: the handlers have already set their flags
-        if self.inotify_fd is not None and self.inotify_fd in ready:
-            for event in get_events(self.inotify_fd):
-                self.dispatch(event)
-        self.work(time.monotonic())
+        if inotify_fd is not None and inotify_fd in ready:
+            self.dispatch(get_events(inotify_fd), now)
+        if self.worker is not None and self.worker in ready:
+            try:
+                self.worker.receive()
+            except WorkerLost as exc:
+                self.lose_worker(exc)   # its chunks taken are stored: read on in-process
+            if self.worker is not None and self.worker.file is not None:
+                self.pending[self.worker.file] = None
+            elif self.turns:
+                self.pending.update(self.turns)     # it is free: the next one's turn
+                self.turns.clear()
 
     def timeout(self, now: float):
         """Seconds until the next due thing, 0 when work waits, None when nothing is due."""
-        if self.retry_at is not None:
-            return max(0.0, self.retry_at - now)
-        if self.pending or self.dirty or self.stopping:
+        if self.backoff.at is not None:
+            return max(0.0, self.backoff.at - now)
+        if self.pending or self.directory.dirty or self.stopping or self.scan_left:
             return 0
-        due = [self.rescan_at]
-        if self.prune_at is not None:
-            due.append(self.prune_at)
+        due = [self.directory.rescan_at]
+        if self.retention is not None:
+            due.append(self.retention.at)
         for t in self.holders:
             due.append(t.last_data + HOLD_S)
         due.extend(again for again in self.undecided.values() if again is not None)
@@ -2057,60 +2539,74 @@ class Tailer:
             due.append(now + DETACHED_POLL_S)
         return max(0.0, min(due) - now)
 
-    def dispatch(self, event: Event) -> None:
-        if event.mask & IN_Q_OVERFLOW:
-            log.warning("inotify queue overflowed: rescanning %s", shown(self.directory))
-            self.rescan_at = 0.0
-        elif event.wd in self.link_watches:
-            if event.mask & IN_IGNORED:
-                del self.link_watches[event.wd]     # the target is gone
-            for name in self.link_watches.get(event.wd, ()):
-                self.dirty[name] = self.dirty.get(name, 0) | event.mask
-        elif event.wd != self.wd:
-            return      # an old watch's last events (IN_IGNORED after rm_watch)
-        elif not event.name:
-            if event.mask & DIR_GONE:
-                self.lose_directory()
-        elif not event.mask & IN_ISDIR:
-            self.dirty[event.name] = self.dirty.get(event.name, 0) | event.mask
+    def dispatch(self, events: list, now: float) -> None:
+        for event in events:
+            if self.directory.dispatch(event):
+                self.lose_directory(now)
 
-    def work(self, now: float) -> None:
-        if self.retry_at is not None:
-            if now < self.retry_at:
-                return
-            self.retry_at = None
-        if self.directory_missing and now >= self.rescan_at:
-            self.find_directory()
-        self.guarded(self.round)
+    def round(self, now: float) -> None:
+        """What one wake-up calls for: read, store, close idle files, retention, progress."""
+        if self.backoff.waiting(now):
+            return
+        if self.directory.missing and now >= self.directory.rescan_at:
+            self.directory.find(now)
+        self.stored(now, lambda: self.read_round(now))
         self.close_idle()
-        if self.prune_at is not None and time.monotonic() >= self.prune_at:
-            self.prune()
-        if self.progress:
-            self.show_progress(time.monotonic())
+        if self.retention is not None and now >= self.retention.at:
+            self.retention.step(self.store, now)
+        if self.progress is not None:
+            left = sum(max(0, t.size - t.pos) for t in self.pending)
+            self.progress.show(now, self.stats["bytes"], left, self.stats["entries"])
 
-    def round(self) -> None:
-        """Read what the events and deadlines call for, and store it in one transaction."""
-        if time.monotonic() >= self.rescan_at and not self.directory_missing:
-            self.scan()
-        closed = self.take_events()
-        self.look_again(time.monotonic())
-        self.read_pending()
+    def read_round(self, now: float) -> None:
+        """Read what the events and deadlines call for (in the round's transaction)."""
+        if ((now >= self.directory.rescan_at or self.scan_left)
+                and not self.directory.missing):
+            self.scan(now)
+        closed = self.take_events(now)
+        self.look_again(now)
+        if self.turns and (self.worker is None or self.worker.free()):
+            self.pending.update(self.turns)     # the worker is free: the next one's turn
+            self.turns.clear()
+        self.read_pending(now)
         for t in closed:
             if t in self.holders and t not in self.pending:
                 self.add_rows(t, t.builder.flush())     # its writer is done with the entry
-        self.flush_quiet(time.monotonic())
-        self.check_detached(time.monotonic())
-        self.commit()
+        self.flush_quiet(now)
+        self.check_detached(now)
 
-    def finish(self) -> None:
+    def stored(self, now: float, step) -> None:
+        """Run a step that reads, and store what it read with the files' states, in one
+        transaction. A fault that passes (disk full, locked) rolls back, rewinds every
+        file to its committed offset and retries with back-off."""
+        try:
+            with self.store.atomic(now):
+                step()
+                states = self.states(utc_now())
+                if states:
+                    self.store.save(states)
+        except WorkerLost as exc:
+            self.lose_worker(exc)
+            self.rewind()
+            return
+        except self.store.errors as exc:
+            if not self.store.is_transient(exc):
+                raise
+            self.rewind()
+            self.directory.rescan_at = 0.0  # the step may have been a scan, cut short
+            self.backoff.failed(exc, now)
+            return
+        self.backoff.worked()
+        self.committed(states)
+
+    def finish(self, now: float) -> None:
         """After SIGTERM or --once: read what was written, store it with held entries, stop."""
-        deadline = time.monotonic() + STOP_BUDGET_S
-        if self.inotify_fd is not None:
-            for event in get_events(self.inotify_fd):
-                self.dispatch(event)
-        if self.retry_at is None:
-            self.guarded(lambda: self.last_round(deadline))
-        if self.retry_at is not None:
+        deadline = now + STOP_BUDGET_S
+        if self.directory.inotify_fd is not None:
+            self.dispatch(get_events(self.directory.inotify_fd), now)
+        if self.backoff.at is None:
+            self.last_rounds(deadline)
+        if self.backoff.at is not None:
             log.warning("stopping with the database unavailable; what is not stored yet "
                         "will be read again on the next start")
         if self.worker is not None:
@@ -2123,13 +2619,29 @@ class Tailer:
         for t in self.tracked.values():
             self.close(t)
 
-    def take_events(self) -> list:
+    def last_rounds(self, deadline: float) -> None:
+        """Read on until nothing is left or the stop budget is spent, then store the held
+        entries: their writers stop with us, or we would hold them across the restart."""
+        now = self.clock()
+        self.stored(now, lambda: self.take_events(now))
+        for t in self.tracked.values():
+            if t.fd is not None:
+                self.pending[t] = None
+        while self.pending and now < deadline and self.backoff.at is None:
+            self.stored(now, lambda: self.read_pending(now))
+            now = self.clock()
+        if self.worker is not None and self.worker.file is not None:
+            self.worker.abandon(self.worker.file)   # the builders hold what was taken
+        if self.backoff.at is None:
+            self.stored(now, lambda: [self.add_rows(t, t.builder.flush())
+                                      for t in list(self.holders)])
+
+    def take_events(self, now: float) -> list:
         """Bring every name that had events up to date; returns the files whose writer
         closed them (IN_CLOSE_WRITE)."""
-        dirty, self.dirty = self.dirty, {}
         closed = []
-        for name, mask in dirty.items():
-            self.refresh(name, mask)
+        for name, mask in self.directory.take_dirty().items():
+            self.refresh(name, mask, now)
             t = self.names.get(name)
             if t is not None and mask & (IN_CLOSE_WRITE | IN_MODIFY):
                 t.closed = bool(mask & IN_CLOSE_WRITE)
@@ -2137,56 +2649,25 @@ class Tailer:
                     closed.append(t)
         return closed
 
-    def last_round(self, deadline: float) -> None:
-        self.take_events()
-        for t in self.tracked.values():
-            if t.fd is not None:
-                self.pending[t] = None
-        while self.pending and time.monotonic() < deadline:
-            self.read_pending()
-            self.commit()
-        if self.worker is not None:
-            self.worker.cancel()    # the builders hold what was taken from it
-        for t in list(self.holders):
-            self.add_rows(t, t.builder.flush())
-        self.commit()
-
     # -- files -----------------------------------------------------------------
 
-    def wanted(self, name: bytes) -> bool:
-        if name in self.skip_names:
-            return False
-        text = os.fsdecode(name)
-        if self.options.include and not any(fnmatch.fnmatchcase(text, p)
-                                            for p in self.options.include):
-            return False
-        return not any(fnmatch.fnmatchcase(text, p) for p in self.options.exclude)
-
-    def scan(self) -> None:
-        """Look at every name in DIRECTORY: the start, an overflow, polling, reconciliation."""
-        startup = self.starting
-        self.rescan_at = time.monotonic() + (self.poll_s or self.options.rescan)
-        try:
-            with os.scandir(self.directory) as entries:
-                names = {entry.name: entry.inode() for entry in entries}
-        except OSError as exc:
-            if startup:
-                raise Fatal(f"cannot read directory {shown(self.directory)!r}: {exc.strerror}")
-            self.lose_directory()
+    def scan(self, now: float) -> None:
+        """Look at every name in DIRECTORY: the start, an overflow, polling, reconciliation.
+        New files are looked at max_open at a time, each batch stored before the next, so
+        that they may be closed again."""
+        if self.scan_left is None and not self.list_directory(now):
             return
-        for name in list(self.names):
-            if name not in names:
-                self.lose_name(name)
-        for name in sorted(names):
+        while self.scan_left and len(self.open) < self.max_open:
+            name, ino = self.scan_left.pop()
             t = self.names.get(name)
-            if t is not None and t.state.ino == names[name]:
+            if t is not None and t.state.ino == ino:
                 self.pending[t] = None      # cheap: read() stats it and returns if unchanged
-                continue
-            self.refresh(name, NAME_CHANGES)
-            if len(self.open) >= self.max_open:
-                self.commit()       # new files are stored, so they may be closed
-                self.close_idle()
-        if startup:
+            else:
+                self.refresh(name, NAME_CHANGES, now)
+        if self.scan_left:
+            return      # the next round goes on where this one stopped
+        self.scan_left = None
+        if self.starting:
             self.starting = False
             for key, state in list(self.resumable.items()):
                 log.info("%s: gone while stopped; its unread bytes, if any, are lost",
@@ -2194,88 +2675,70 @@ class Tailer:
                 self.depart(state, stored_original(state))
                 del self.resumable[key]
 
-    def refresh(self, name: bytes, mask: int) -> None:
+    def list_directory(self, now: float) -> bool:
+        """Start a scan: the names now in DIRECTORY, those gone let go; False when it is."""
+        try:
+            names = self.directory.listing(now)
+        except OSError as exc:
+            if self.starting:
+                raise Fatal(f"cannot read directory {shown(self.directory.path)!r}: "
+                            f"{exc.strerror}")
+            self.lose_directory(now)
+            return False
+        for name in list(self.names):
+            if name not in names:
+                self.lose_name(name, now)
+        self.scan_left = sorted(names.items(), reverse=True)    # pop() takes the first
+        return True
+
+    def refresh(self, name: bytes, mask: int, now: float) -> None:
         """Bring one name up to date after events on it; queue its file for reading."""
         t = self.names.get(name)
         if t is not None and not mask & NAME_CHANGES:
             self.pending[t] = None      # same file under the same name: just read on
             return
-        if not self.wanted(name):
+        if not self.directory.wanted(name):
             return
-        path = os.path.join(self.directory, name)
         try:
-            fd = self.open_path(path)
+            opened = self.directory.open_name(name, lambda path: self.open_path(path, now))
         except FileNotFoundError:
             if t is not None:
-                self.lose_name(name)
+                self.lose_name(name, now)
             return
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                self.warn_once(name, "symlink", logging.INFO,
-                               "%s: a symlink, not followed (see --follow-symlinks)")
-            elif exc.errno == errno.ENXIO:
-                self.warn_once(name, "special", logging.INFO, "%s: not a regular file, skipped")
-            else:
-                self.warn_once(name, exc.errno, logging.WARNING, "%s: cannot read: %s",
-                               exc.strerror)
-            return
-        st = os.fstat(fd)
-        key = (st.st_dev, st.st_ino)
-        if not stat.S_ISREG(st.st_mode) or key in self.skip:
-            if not stat.S_ISREG(st.st_mode):    # a subdirectory is usual: no need to say so
-                level = logging.DEBUG if stat.S_ISDIR(st.st_mode) else logging.INFO
-                self.warn_once(name, "special", level, "%s: not a regular file, skipped")
-            os.close(fd)
-            return
-        if self.warned:
-            self.warned = {w for w in self.warned if w[0] != name}
-        current = self.tracked.get(key)
+        if opened is None:
+            return      # not a file to read: said why, once
+        fd, st = opened
+        current = self.tracked.get((st.st_dev, st.st_ino))
         if t is not None and t is not current:
-            self.lose_name(name)
+            self.lose_name(name, now)
         if current is None:
-            current = self.track(name, fd, st)
+            current = self.track(name, fd, st, now)
         elif current.fd is None:
             self.opened(current, fd)    # it was closed as idle; read() checks its first bytes
         else:
             os.close(fd)
-        if self.options.follow_symlinks and self.inotify_fd is not None:
-            self.watch_link(name, path)
-        if current.name != name:
-            if current.name is not None:
-                log.info("%s: renamed to %s", shown(current.name), shown(name))
-            self.set_name(current, name)
-        self.names[name] = current
-        self.pending[current] = None
+        self.attach(current, name)
+
+    def attach(self, t: Tracked, name: bytes) -> None:
+        """name leads to t: note it (a rename), watch a symlink's target, queue t."""
+        self.directory.watch_link(name)
+        if t.name != name:
+            if t.name is not None:
+                log.info("%s: renamed to %s", shown(t.name), shown(name))
+            self.set_name(t, name)
+        self.names[name] = t
+        self.pending[t] = None
 
     def set_name(self, t: Tracked, name: bytes) -> None:
         t.name = name
-        t.state = t.state._replace(**path_columns(os.path.join(self.directory, name)))
+        t.state = t.state._replace(**path_columns(os.path.join(self.directory.path, name)))
         self.detached.pop(t, None)
         if not t.candidate:
             self.touched[t] = None
 
-    def watch_link(self, name: bytes, path: bytes) -> None:
-        """A followed symlink's target changes without events in DIRECTORY: watch it too."""
-        if not os.path.islink(path):
-            return
-        try:
-            wd = add_watch(self.inotify_fd, path, IN_MODIFY | IN_CLOSE_WRITE)
-        except OSError as exc:
-            self.warn_once(name, "link", logging.WARNING,
-                           "%s: cannot watch the symlink's target (%s); it is rescanned", exc)
-            return
-        self.link_watches.setdefault(wd, set()).add(name)
-
-    def lose_name(self, name: bytes) -> None:
+    def lose_name(self, name: bytes, now: float) -> None:
         """name no longer leads to its file: read that file until it is quiet."""
-        for wd, names in list(self.link_watches.items()):
-            names.discard(name)
-            if not names:
-                del self.link_watches[wd]
-                try:
-                    rm_watch(self.inotify_fd, wd)
-                except OSError:
-                    pass    # the target is gone, and its watch with it
+        self.directory.unwatch_link(name)
         t = self.names.pop(name)
         if t.name == name:
             for other, u in self.names.items():
@@ -2283,34 +2746,25 @@ class Tailer:
                     self.set_name(t, other)
                     return
             t.name = None
-            t.last_data = time.monotonic()
+            t.last_data = now
             self.detached[t] = None
             self.pending[t] = None
 
-    def track(self, name: bytes, fd: int, st) -> Tracked:
+    # -- identity: what a file is (see identify()) -----------------------------
+
+    def track(self, name: bytes, fd: int, st, now: float) -> Tracked:
         """Follow an inode seen for the first time since the start: resume what is stored of
         it, or begin it; whether a file nothing is stored of is a copy, decide() settles."""
-        path = os.path.join(self.directory, name)
+        path = os.path.join(self.directory.path, name)
         known = self.stored_state(st, path)
-        now = time.monotonic()
-        t = Tracked(self.new_state(st, **path_columns(path)) if known is None else
-                    known._replace(dev=st.st_dev, ino=st.st_ino, **path_columns(path)),
-                    now - max(0.0, time.time() - st.st_mtime))
+        state = (self.new_state(st, **path_columns(path)) if known is None else
+                 known._replace(dev=st.st_dev, ino=st.st_ino, **path_columns(path)))
+        t = Tracked(state, now - max(0.0, time.time() - st.st_mtime))   # quiet since mtime
         self.opened(t, fd)
         self.tracked[(st.st_dev, st.st_ino)] = t
         t.size = st.st_size
         if known is not None and (known.offset or known.fingerprint):
-            hashes = {offset: tail_hash(fd, offset)
-                      for offset in hash_offsets(known, (), st.st_size)}
-            verdict = identify(known, self.look(t, st, hashes))
-            if verdict.kind not in (UNCHANGED, GROWN):
-                log.info("%s: %s while stopped; reading it from the start", shown(name),
-                         "truncated" if verdict.kind == TRUNCATED else "its first bytes changed "
-                         "(rewritten, or a new file under a reused inode)")
-                self.depart(known, stored_original(known))
-                self.begin_again(t, st)
-            else:
-                self.originals.follow(t)
+            self.resume(t, known, st)
         elif self.starting and self.options.from_end and known is None:
             t.pos = last_line_end(fd, st.st_size)
             t.head = os.pread(fd, FINGERPRINT_BYTES, 0)
@@ -2323,6 +2777,20 @@ class Tailer:
         if not t.candidate:
             self.touched[t] = None
         return t
+
+    def resume(self, t: Tracked, known: FileState, st) -> None:
+        """Go on with a stored file where it is stored up to, if it still holds that."""
+        hashes = {offset: tail_hash(t.fd, offset)
+                  for offset in hash_offsets(known, (), st.st_size)}
+        verdict = identify(known, t.look(st, hashes, self.clock()))
+        if verdict.kind in (UNCHANGED, GROWN):
+            self.originals.follow(t)
+            return
+        log.info("%s: %s while stopped; reading it from the start", shown(t.state.path),
+                 "truncated" if verdict.kind == TRUNCATED else "its first bytes changed "
+                 "(rewritten, or a new file under a reused inode)")
+        self.depart(known, stored_original(known))
+        self.begin_again(t, st)
 
     def stored_state(self, st, path: bytes) -> FileState | None:
         """The state stored for this inode: by (dev, ino), or by inode and path when a
@@ -2346,23 +2814,15 @@ class Tailer:
 
     def begin_again(self, t: Tracked, st) -> None:
         """The inode's content is new: follow it as a new file, read from its start."""
-        t.state = self.new_state(st, t.state.path, t.state.path_bytes)
-        t.pos, t.head, t.checkpoints, t.candidate = 0, b"", [], False
+        t.begin(self.new_state(st, t.state.path, t.state.path_bytes))
         t.builder = self.new_builder(t)
         self.touched[t] = None
 
-    def look(self, t: Tracked, st, hashes: dict) -> Look:
-        """Gather what identify() needs of a file besides the tail hashes: its first bytes
-        and whether it is complete."""
-        head = os.pread(t.fd, FINGERPRINT_BYTES, 0)
-        complete = t.closed or time.monotonic() - t.last_data >= COPY_QUIET_S or t.name is None
-        return Look(st.st_dev, st.st_ino, t.state.path, st.st_size, head, hashes, complete)
-
-    def decide(self, t: Tracked, st) -> bool:
+    def decide(self, t: Tracked, st, now: float) -> bool:
         """Settle whether a file nothing is stored of is a copy of an original (see
         copy_of()); True once it may be read, from 0 or from where the copy's original is
         stored up to."""
-        look = self.look(t, st, {})
+        look = t.look(st, {}, now)
         originals = self.originals.agreeing(look.head, st.st_size)
         look = look._replace(hashes={offset: tail_hash(t.fd, offset)
                                      for offset in hash_offsets(None, originals, st.st_size)})
@@ -2375,32 +2835,32 @@ class Tailer:
         self.undecided.pop(t, None)
         t.candidate = False
         if verdict.kind == COPY:
-            original = verdict.original
-            t.pos = verdict.offset
-            t.head = look.head[:verdict.offset]
-            t.checkpoints = [(t.pos, tail_hash(t.fd, t.pos))]
-            t.state = t.state._replace(offset=t.pos, format=original.format)
+            t.copy_of(verdict, look.head)
             t.builder = self.new_builder(t)
             log.info("%s: a copy of %s; its first %d bytes are stored already", shown(t.name),
-                     original.path, t.pos)
+                     verdict.original.path, t.pos)
         self.touched[t] = None
         return True
+
+    def look_again(self, now: float) -> None:
+        """Possible copies that may have become complete since: decide() them again."""
+        for t, again in self.undecided.items():
+            if again is not None and now >= again:
+                self.pending[t] = None
 
     def depart(self, state: FileState, original: Original, rows=()) -> None:
         """A stored file's content left DIRECTORY or its inode: commit it as gone with the
         last entries read of it, and remember it for a copy that may show up."""
         self.departed.append((state._replace(gone=utc_now()), rows))
-        self.originals.remember(original)
-        self.requeue_undecided()
+        self.remember(original)
 
-    def requeue_undecided(self) -> None:
-        """The originals changed: look at the files that may be copies again."""
+    def remember(self, original: Original) -> None:
+        """Remember what a copy may be checked against; the possible copies look again."""
+        self.originals.remember(original)
         for t in self.undecided:
             self.pending[t] = None
 
-    def new_builder(self, t: Tracked) -> EntryBuilder:
-        self.holders.discard(t)
-        return EntryBuilder(t.id, self.parse_options, self.stamps, t.state.format, t.state.part)
+    # -- open files ------------------------------------------------------------
 
     def opened(self, t: Tracked, fd: int) -> None:
         if len(self.open) >= self.max_open:
@@ -2419,7 +2879,7 @@ class Tailer:
         no state in the open transaction (a held entry is in memory, not in the file).
         They are reopened by name, and checked, when needed."""
         if keep is None:
-            if len(self.open) <= self.max_open:
+            if len(self.open) < self.max_open:
                 return
             keep = self.max_open * 3 // 4
         for t in list(self.open):
@@ -2428,7 +2888,7 @@ class Tailer:
             if t.name is not None and t not in self.touched:
                 self.close(t)
 
-    def open_path(self, path: bytes) -> int:
+    def open_path(self, path: bytes, now: float) -> int:
         """open_file(), making room when the process is out of file descriptors."""
         try:
             return open_file(path, self.options.follow_symlinks)
@@ -2436,37 +2896,34 @@ class Tailer:
             if exc.errno not in (errno.EMFILE, errno.ENFILE):
                 raise
             self.max_open = max(8, min(self.max_open, len(self.open) // 2))
-            self.warn_once(b"", "fds", logging.WARNING, "%sout of file descriptors (%s): "
-                           "keeping at most %d log files open", exc.strerror, self.max_open)
+            self.directory.warn_once(b"", "fds", logging.WARNING, "%sout of file descriptors "
+                                     "(%s): keeping at most %d log files open", exc.strerror,
+                                     self.max_open)
             self.close_idle(keep=self.max_open // 2)
-            self.rescan_at = min(self.rescan_at, time.monotonic() + DIR_RETRY_S)
+            self.directory.rescan_at = min(self.directory.rescan_at, now + DIR_RETRY_S)
             return open_file(path, self.options.follow_symlinks)
 
-    def reopen(self, t: Tracked) -> bool:
+    def reopen(self, t: Tracked, now: float) -> bool:
         """Open a file closed as idle again, by its name, if that still leads to it."""
         name = t.name
         if name is None:
             return False
         try:
-            fd = self.open_path(os.path.join(self.directory, name))
+            fd = self.open_path(os.path.join(self.directory.path, name), now)
         except OSError:
-            self.dirty[name] = NAME_CHANGES     # gone or changed: refresh() sorts it out
+            self.directory.dirty[name] = NAME_CHANGES   # gone or changed: refresh() sorts it out
             return False
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != (t.state.dev, t.state.ino):
             os.close(fd)
-            self.dirty[name] = NAME_CHANGES
+            self.directory.dirty[name] = NAME_CHANGES
             return False
         self.opened(t, fd)
         return True
 
-    def look_again(self, now: float) -> None:
-        """Possible copies that may have become complete since: decide() them again."""
-        for t, again in self.undecided.items():
-            if again is not None and now >= again:
-                self.pending[t] = None
+    # -- reading ---------------------------------------------------------------
 
-    def read_pending(self) -> None:
+    def read_pending(self, now: float) -> None:
         """Read queued files, ROUND_BYTES at most per round so that signals stay prompt,
         and no more files than may stay open until the commit. Possible copies come last:
         their originals may have been truncated (and remembered) in the same round."""
@@ -2475,31 +2932,32 @@ class Tailer:
             if budget <= 0 or len(self.touched) >= self.max_open // 2:
                 return
             try:
-                done, used = self.read(t, budget)
+                done, used = self.read(t, budget, now)
             except OSError as exc:
                 done, used = True, 0
-                self.warn_once(t.name or b"?", exc.errno, logging.WARNING,
-                               "%s: read failed: %s", exc.strerror)
+                self.directory.warn_once(t.name or b"?", exc.errno, logging.WARNING,
+                                         "%s: read failed: %s", exc.strerror)
             budget -= used
             if done:
                 self.pending.pop(t, None)
 
-    def read(self, t: Tracked, budget: int):
-        """Read t from its position; returns (caught up?, bytes read)."""
-        if t.fd is None and not self.reopen(t):
+    def read(self, t: Tracked, budget: int, now: float):
+        """Read t from its position; returns (done for now?, bytes read)."""
+        if t.fd is None and not self.reopen(t, now):
             return True, 0
         st = os.fstat(t.fd)
         self.open.move_to_end(t)
         if st.st_size != t.size:
-            t.last_data = time.monotonic()
-            t.size = st.st_size
-        if t.candidate and not self.decide(t, st):
+            t.last_data, t.size = now, st.st_size
+        if self.worker is not None and self.worker.file is t:
+            return self.read_bulk(t, budget, now)   # checked when its run began
+        if t.candidate and not self.decide(t, st, now):
             return True, 0      # it may be a copy still being written: nothing read yet
         known = t.position()
         # The bytes before the position: their hash checks the file, and the hash after
         # reading is taken from them and what is read, never from a file truncated meanwhile.
         tail = tail_bytes(t.fd, t.pos) if st.st_size > t.pos else None
-        look = self.look(t, st, {} if tail is None else {t.pos: digest(tail)})
+        look = t.look(st, {} if tail is None else {t.pos: digest(tail)}, now)
         verdict = identify(known, look)
         if verdict.kind in (TRUNCATED, REPLACED):
             self.start_over(t, verdict.kind, st)
@@ -2508,83 +2966,99 @@ class Tailer:
             t.head = look.head      # the first bytes of what is read from now on
         if verdict.kind == UNCHANGED:
             return True, 0
+        if self.for_worker(t, st) and (self.worker is None or self.worker.dry != (t, t.pos)):
+            return self.read_bulk(t, budget, now)
+        used, tail = self.read_chunks(t, budget, st, tail, now)
+        if used and tail is not None:
+            t.checkpoint(tail)
+        self.stats["bytes"] += used
+        return used < budget, used
+
+    def for_worker(self, t: Tracked, st) -> bool:
+        """Whether t's backlog is the parse worker's to parse: it is big (or the worker
+        has begun it). A big one waits its turn while the worker is busy: this core
+        inserts meanwhile, which is what it is best used for."""
+        if self.worker is not None and self.worker.file is t:
+            return True
+        return (self.use_worker and st.st_size - t.pos >= BULK_BYTES
+                and t.builder.part is None and t.builder.format != "plain")
+
+    def read_chunks(self, t: Tracked, budget: int, st, tail, now: float):
+        """Read and parse t in-process up to budget bytes; returns (bytes read, the bytes
+        before the new position as far as known)."""
         used = 0
-        busy = self.worker.file if self.worker is not None else None
-        if busy is t or (self.use_worker and st.st_size - t.pos >= BULK_BYTES
-                         and t.builder.part is None and t.builder.format != "plain"):
-            if busy is not None and busy is not t:
-                return False, 0     # its turn with the worker comes after this backlog's
-            used = self.read_bulk(t, budget, st)
-            if used:
-                tail = tail_bytes(t.fd, t.pos)
-        running = self.worker is not None and self.worker.file is t   # on in the next round
         window = max(READ_CHUNK, self.parse_options.max_entry_bytes)
-        while not running and used < budget and t.pos < st.st_size:
+        while used < budget and t.pos < st.st_size:
             data, end, rest = read_complete(t.fd, t.pos, window)
             if data:
                 self.add_rows(t, t.builder.feed(data, t.pos, st.st_mtime))
             elif len(rest) >= self.parse_options.max_entry_bytes:
-                if t.builder.part is None:
-                    log.warning("%s: a line at offset %d is longer than %d bytes; stored in "
-                                "pieces", shown(t.name or t.state.path), t.pos,
-                                self.parse_options.max_entry_bytes)
-                piece = rest[:utf8_boundary(rest, self.parse_options.max_entry_bytes)]
-                self.add_rows(t, t.builder.feed_piece(piece, t.pos))
-                end = t.pos + len(piece)
+                data = self.read_piece(t, rest)
+                end = t.pos + len(data)
             else:
                 break       # a partial last line: it waits for its newline
             if tail is not None:
-                tail = (tail + (data or piece)[-RESUME_CHECK_BYTES:])[-RESUME_CHECK_BYTES:]
+                tail = (tail + data[-RESUME_CHECK_BYTES:])[-RESUME_CHECK_BYTES:]
             used += end - t.pos
             t.pos = end
-            t.last_data = time.monotonic()
+            t.last_data = now
             self.touched[t] = None
-        if used and tail is not None:
-            t.checkpoint(tail)
-        self.stats["bytes"] += used
-        return used < budget and not running, used
+        return used, tail
+
+    def read_piece(self, t: Tracked, rest: bytes) -> bytes:
+        """Store the next piece of a line longer than --max-entry-bytes; returns it."""
+        if t.builder.part is None:
+            log.warning("%s: a line at offset %d is longer than %d bytes; stored in pieces",
+                        shown(t.name or t.state.path), t.pos, self.parse_options.max_entry_bytes)
+        piece = rest[:utf8_boundary(rest, self.parse_options.max_entry_bytes)]
+        self.add_rows(t, t.builder.feed_piece(piece, t.pos))
+        return piece
+
+    def read_bulk(self, t: Tracked, budget: int, now: float):
+        """Take up to budget bytes of a big backlog from the parse worker; it parses on
+        while this process inserts. Returns (done for now?, bytes taken): done while its
+        chunks have not come (the worker's socket wakes the loop then)."""
+        if self.worker is None:
+            try:
+                self.worker = ParseWorker(self.parse_options, self.store.rows)
+            except OSError as exc:
+                log.warning("cannot start the parse worker (%s); parsing in-process", exc)
+                self.use_worker = False
+                return False, 0
+        if not self.worker.free() and self.worker.file is not t:
+            self.turns[t] = None    # pending again when the worker is free
+            return True, 0
+        start = t.pos
+        used = self.worker.take(t, budget, self.add_rows)
+        if used:
+            t.last_data = now
+            self.touched[t] = None
+            tail = tail_bytes(t.fd, t.pos)
+            if tail is not None:
+                t.checkpoint(tail)
+        self.stats["bytes"] += t.pos - start
+        if self.worker.file is not t:
+            return False, used      # its run is over: read on in the next round
+        return not self.worker.chunks, used
 
     def start_over(self, t: Tracked, verdict: str, st) -> None:
         """What was stored of a followed file left its inode (copytruncate, or truncated and
         rewritten): store the entry its builder holds, remember it for its copy, and read
         what the inode holds now as a new file."""
-        if self.worker is not None and self.worker.file is t:
-            self.worker.cancel()
+        if self.worker is not None:
+            self.worker.abandon(t)
         log.info("%s: %s; reading it again from the start", shown(t.name or t.state.path),
                  "truncated" if verdict == TRUNCATED else "rewritten")
         rows = t.builder.flush()
         self.holders.discard(t)
-        final = t.position()._replace(fingerprint=t.head[:t.pos], part=t.builder.part,
-                                      format=t.builder.format)
         self.touched.pop(t, None)
-        self.depart(final, t.original(live=False), rows)
+        self.depart(t.read_state(), t.original(live=False), rows)
         self.begin_again(t, st)
 
-    def read_bulk(self, t: Tracked, budget: int, st) -> int:
-        """Take up to budget bytes of a big backlog from the parse worker; it parses on
-        while this process inserts. Returns the bytes taken (0: read it in-process)."""
-        worker = self.worker
-        if worker is None:
-            try:
-                worker = self.worker = ParseWorker(self.parse_options)
-            except OSError as exc:
-                log.warning("cannot start the parse worker (%s); parsing in-process", exc)
-                self.use_worker = False
-                return 0
-        if worker.file is None:
-            worker.start(t, st.st_size, st.st_mtime)
-        start = t.pos
-        while worker.file is t and t.pos - start < budget:
-            chunk = worker.next()
-            if chunk is not None:
-                rows, t.pos = chunk
-                self.add_rows(t, rows)
-        if worker.file is t and t.pos >= worker.stop:
-            worker.next()   # its "done": the file may look unchanged from now on
-        if t.pos > start:
-            t.last_data = time.monotonic()
-            self.touched[t] = None
-        return t.pos - start
+    def new_builder(self, t: Tracked) -> EntryBuilder:
+        self.holders.discard(t)
+        return EntryBuilder(t.id, self.parse_options, self.stamps, self.store.rows,
+                            t.state.format, t.state.part)
 
     def add_rows(self, t: Tracked, rows: list) -> None:
         if rows:
@@ -2597,7 +3071,7 @@ class Tailer:
             self.holders.discard(t)
 
     def flush_quiet(self, now: float) -> None:
-        """A held entry whose file has been quiet for HOLD_S (or closed) is complete."""
+        """A held entry whose file has been quiet for HOLD_S is complete."""
         for t in list(self.holders):
             if now - t.last_data >= HOLD_S and (self.worker is None or self.worker.file is not t):
                 self.add_rows(t, t.builder.flush())
@@ -2622,6 +3096,8 @@ class Tailer:
         del self.tracked[(t.state.dev, t.state.ino)]
         self.touched.pop(t, None)
         self.undecided.pop(t, None)
+        self.turns.pop(t, None)
+        self.originals.unfollow(t.id)
         if t.candidate:
             return
         if deleted:
@@ -2629,131 +3105,37 @@ class Tailer:
         else:
             # Moved out of DIRECTORY: if it comes back, it resumes where it was.
             self.resumable[(t.state.dev, t.state.ino)] = t.state
-            self.originals.remember(t.original(live=False))
-            self.requeue_undecided()
+            self.remember(t.original(live=False))
 
-    def lose_directory(self) -> None:
+    # -- the directory ---------------------------------------------------------
+
+    def lose_directory(self, now: float) -> None:
         """DIRECTORY was deleted or moved away: read what is open, look for it again."""
-        if self.directory_missing:
-            return
-        log.warning("%s vanished; waiting for it to come back", shown(self.directory))
-        self.directory_missing = True
-        if self.wd is not None:
-            try:
-                rm_watch(self.inotify_fd, self.wd)
-            except OSError:
-                pass    # the kernel already dropped the watch (IN_IGNORED after a deletion)
-            self.wd = None
-        for name in list(self.names):
-            self.lose_name(name)
-        self.rescan_at = time.monotonic() + DIR_RETRY_S
-
-    def find_directory(self) -> None:
-        try:
-            if self.inotify_fd is not None:
-                self.wd = add_watch(self.inotify_fd, self.directory, DIR_MASK | IN_ONLYDIR)
-            elif not stat.S_ISDIR(os.stat(self.directory).st_mode):
-                raise NotADirectoryError(errno.ENOTDIR, "not a directory")
-        except OSError:
-            self.rescan_at = time.monotonic() + DIR_RETRY_S
-            return
-        log.warning("%s is back; following it again", shown(self.directory))
-        self.directory_missing = False
-        self.rescan_at = 0.0
-
-    def warn_once(self, name: bytes, what, level: int, message: str, *args) -> None:
-        if (name, what) not in self.warned:
-            self.warned.add((name, what))
-            log.log(level, message, shown(name), *args)
-
-    # -- retention and progress ------------------------------------------------
-
-    def prune(self) -> None:
-        """--keep: one small batch of a sweep over the entries; sweeps come every
-        PRUNE_EVERY_S. Offsets stay as they are, so nothing is read again."""
-        if self.sweep is None:
-            low, high = self.store.id_range()
-            if low is None:
-                self.prune_at = time.monotonic() + PRUNE_EVERY_S
-                return
-            cutoff = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() - self.keep_s))
-            self.sweep = [cutoff, low, high, 0]
-        cutoff, low, high, deleted = self.sweep
-        try:
-            deleted += self.store.prune(cutoff, low, PRUNE_SPAN)
-            if low + PRUNE_SPAN > high:
-                self.store.forget_ingested(cutoff)
-        except sqlite3.Error as exc:
-            if not is_transient(exc):
-                raise
-            log.debug("retention put off: %s", exc)     # the commits report the fault
-            self.prune_at = time.monotonic() + RETRY_MAX_S
-            return
-        if low + PRUNE_SPAN > high:
-            if deleted:
-                log.info("retention: deleted %d entries older than %s UTC", deleted, cutoff)
-            self.sweep = None
-            self.prune_at = time.monotonic() + PRUNE_EVERY_S
-        else:
-            self.sweep = [cutoff, low + PRUNE_SPAN, high, deleted]
-            self.prune_at = time.monotonic() + PRUNE_PAUSE_S
-
-    def show_progress(self, now: float) -> None:
-        """On a terminal, a long catch-up shows one line, updated in place."""
-        if not self.pending:
-            if self.progress_shown:
-                sys.stderr.write("\r\x1b[K")
-                self.progress_shown = False
-            return
-        if now < self.progress_at:
-            return
-        self.progress_at = now + PROGRESS_EVERY_S
-        done = self.stats["bytes"]
-        left = sum(max(0, t.size - t.pos) for t in self.pending)
-        elapsed = now - self.started
-        eta = left / (done / elapsed) if done else 0
-        sys.stderr.write(f"\rcatching up: {human_bytes(done)} of {human_bytes(done + left)}, "
-                         f"{self.stats['entries'] / elapsed:,.0f} entries/s, "
-                         f"ETA {int(eta) // 60}:{int(eta) % 60:02d}\x1b[K")
-        sys.stderr.flush()
-        self.progress_shown = True
-
-    def summary(self) -> str:
-        return (f"{len(self.tracked)} files, {self.stats['entries']:,} entries, "
-                f"{human_bytes(self.stats['bytes'])} in {time.monotonic() - self.started:.1f} s")
+        if not self.directory.missing:
+            self.directory.lose(now)
+            for name in list(self.names):
+                self.lose_name(name, now)
+            self.scan_left = None
 
     # -- storing ---------------------------------------------------------------
 
-    def committed_state(self, t: Tracked, now: str) -> FileState:
-        """t's state once the open transaction is committed: its offset just past what is
-        stored of it (the entry its builder holds is not), with that offset's tail hash."""
-        offset = t.builder.held_offset(t.pos)
-        last = t.checkpoints[-1] if t.checkpoints else (None, None)
-        if last[0] == offset:
-            digest = last[1]
-        else:
-            digest = tail_hash(t.fd, offset) if t.fd is not None else None
-        return t.state._replace(offset=offset, fingerprint=t.head[:offset], resume_hash=digest,
-                                part=t.builder.part, format=t.builder.format, updated=now)
-
-    def commit(self) -> None:
-        """Store the open transaction with the files' new offsets, and the files gone."""
-        if not (self.added or self.touched or self.departed):
-            return
-        now = utc_now()
-        touched = list(self.touched)
-        states = [self.committed_state(t, now) for t in touched]
+    def states(self, now: str) -> list:
+        """The files' states to store with the open transaction's entries: those touched,
+        and those gone with the last entries read of them (added now, so that they are
+        stored again after a rollback)."""
         for _, rows in self.departed:
             if rows:
                 self.store.add(rows)
                 self.added += len(rows)
-        self.store.commit(states + [state for state, _ in self.departed])
-        if self.retry_s != RETRY_MIN_S:
-            log.warning("database writable again; storing resumed")
-            self.retry_s = RETRY_MIN_S
+        return ([t.committed_state(now) for t in self.touched]
+                + [state for state, _ in self.departed])
+
+    def committed(self, states: list) -> None:
+        """The transaction is stored: the files' states are what it stored."""
         self.stats["entries"] += self.added
-        log.debug("stored %d entries and the offsets of %d files", self.added, len(states))
-        for t, state in zip(touched, states):
+        if self.added or states:
+            log.debug("stored %d entries and the states of %d files", self.added, len(states))
+        for t, state in zip(self.touched, states):
             t.state = state
             self.originals.follow(t)
         self.added = 0
@@ -2761,56 +3143,87 @@ class Tailer:
         self.departed = []
 
     def rewind(self) -> None:
-        """Roll back the open transaction: every file read in it goes back to its offset
-        (the files gone, with the last entries read of them, are committed next time)."""
-        if self.worker is not None:
-            self.worker.cancel()
-        self.store.rollback()
+        """The open transaction was rolled back: every file read in it goes back to its
+        offset (the files gone, with the last entries read of them, are stored next time)."""
+        if self.worker is not None and self.worker.file is not None:
+            self.worker.abandon(self.worker.file)
         self.added = 0
         for t in self.touched:      # stays touched: new files still need their row
             t.pos = t.state.offset
             t.builder = self.new_builder(t)
             self.pending[t] = None
 
-    def guarded(self, step) -> None:
-        """Run a step that stores; a fault that passes (disk full, locked) rolls back,
-        rewinds every file to its committed offset and retries with back-off."""
+    def lose_worker(self, exc: WorkerLost) -> None:
+        log.warning("%s; parsing in-process from now on", exc)
+        if self.worker.file is not None:
+            self.pending[self.worker.file] = None   # read on from what was taken of it
+        self.worker.close()
+        self.worker, self.use_worker = None, False
+        self.pending.update(self.turns)
+        self.turns.clear()
+
+    def summary(self) -> str:
+        return (f"{len(self.tracked)} files, {self.stats['entries']:,} entries, "
+                f"{human_bytes(self.stats['bytes'])} in {self.clock() - self.started:.1f} s")
+
+
+# --stats ######################################################################
+
+# A read-only look at a database, for people and for monitoring checks.
+
+SPARKS = " ▁▂▃▄▅▆▇█"
+
+
+def sparkline(counts: list) -> str:
+    top = max(counts) or 1
+    return "".join(SPARKS[0] if n == 0 else SPARKS[max(1, round(n / top * 8))] for n in counts)
+
+
+def show_entries(stats: Stats, write) -> None:
+    """The entries part of --stats: counts per level, the newest, the last day's hours."""
+    entries = sum(n for _, n in stats.levels)
+    write(f"entries: {entries:,}; newest: {stats.newest or '-'} UTC\n")
+    write("by level: " + ", ".join(f"{level} {n:,}" for level, n in stats.levels) + "\n\n")
+    per_level = collections.defaultdict(lambda: [0] * 24)
+    for level, hour, n in stats.hourly:
+        if 0 <= hour < 24:
+            per_level[level][hour] += n
+    write(f"last 24 h, entries per hour (oldest left, since {stats.since} UTC):\n")
+    for level, counts in sorted(per_level.items(), key=lambda item: -sum(item[1])):
+        write(f"  {level:<10} {sparkline(counts)} {sum(counts):,}\n")
+    if not per_level:
+        write("  (no entries with a time)\n")
+
+
+def show_stats(path: str, max_lag, out=sys.stdout) -> int:
+    """Print what DATABASE holds; 3 when a file lags by more than max_lag bytes, else 0."""
+    stats = read_sqlite_stats(path, time.time())
+    write = out.write
+    total_size = total_offset = total_lag = 0
+    worst = 0
+    write(f"{'file':<50} {'size':>10} {'offset':>10} {'lag':>10}\n")
+    for name, name_bytes, offset, gone in stats.files:
+        if gone is not None:
+            continue
         try:
-            step()
-        except WorkerLost as exc:
-            log.warning("%s; parsing in-process from now on", exc)
-            self.worker.file = None
-            self.worker.close()
-            self.worker, self.use_worker = None, False
-            self.rewind()
-        except sqlite3.Error as exc:
-            if not is_transient(exc):
-                raise
-            self.rewind()
-            if self.retry_s == RETRY_MIN_S:
-                log.error("cannot store entries: %s; retrying until it works", exc)
-            self.rescan_at = 0.0    # the step may have been a scan, cut short
-            self.retry_at = time.monotonic() + self.retry_s
-            self.retry_s = min(self.retry_s * 2, RETRY_MAX_S)
-
-
-def human_bytes(size: float) -> str:
-    for unit in ("B", "KB", "MB"):
-        if size < 1000:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} GB"
-
-
-def last_line_end(fd: int, size: int) -> int:
-    """Offset just past the last newline before size (0 when there is none)."""
-    end = size
-    while end > 0:
-        start = max(0, end - READ_CHUNK)
-        cut = os.pread(fd, end - start, start).rfind(b"\n")
-        if cut >= 0:
-            return start + cut + 1
-        end = start
+            size = os.stat(name_bytes if name_bytes is not None else name).st_size
+        except OSError:
+            size = None
+        lag = max(0, size - offset) if size is not None else 0
+        worst = max(worst, lag)
+        total_size += size or 0
+        total_offset += offset
+        total_lag += lag
+        shown_size = human_bytes(size) if size is not None else "missing"
+        write(f"{name:<50} {shown_size:>10} {human_bytes(offset):>10} {human_bytes(lag):>10}\n")
+    live = sum(1 for f in stats.files if f[3] is None)
+    write(f"{f'total: {live} files ({len(stats.files) - live} gone)':<50} "
+          f"{human_bytes(total_size):>10} {human_bytes(total_offset):>10} "
+          f"{human_bytes(total_lag):>10}\n\n")
+    show_entries(stats, write)
+    if max_lag is not None and worst > max_lag:
+        log.warning("a file lags by %d bytes, more than --max-lag %d", worst, max_lag)
+        return 3
     return 0
 
 
@@ -2850,110 +3263,7 @@ examples:
 """
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keep the description's and epilog's lines; show every option's default."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if ("%(default)" not in text and action.default not in (None, False, [], 0)
-                and action.option_strings and action.nargs != 0
-                and action.default != list(DEFAULT_EXCLUDES)):
-            text += " (default: %(default)s)"
-        return text
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="logtail2db.py", usage=USAGE, description=DESCRIPTION, epilog=EPILOG,
-        formatter_class=HelpFormatter)
-    parser.add_argument("paths", nargs="*", metavar="DIRECTORY DATABASE",
-                        help="the directory of log files and the SQLite database (created when "
-                             "missing); with --stats only DATABASE")
-    run = parser.add_argument_group("running")
-    run.add_argument("--once", action="store_true",
-                     help="catch up with every file, then exit with a summary line")
-    run.add_argument("--from-end", action="store_true",
-                     help="a file found at start-up that the database has never seen starts at "
-                          "its end (files created later are read from their start)")
-    run.add_argument("--poll", type=positive_float, metavar="SECONDS",
-                     help="scan by stat() every SECONDS instead of using inotify (NFS and other "
-                          "filesystems without events; chosen by itself when inotify fails)")
-    run.add_argument("--cores", type=int, choices=(1, 2), default=2,
-                     help="cores a catch-up may use: with 2, a helper process parses a big "
-                          "backlog while the tailer inserts")
-    run.add_argument("--rescan", type=positive_float, default=RECONCILE_S, metavar="SECONDS",
-                     help="with inotify, rescan DIRECTORY this often anyway, a backstop for "
-                          "changes that give no event")
-    files = parser.add_argument_group("files")
-    files.add_argument("--include", action="append", default=[], metavar="GLOB",
-                       help="read only file names matching GLOB (repeatable; default: all)")
-    files.add_argument("--exclude", action="append", default=list(DEFAULT_EXCLUDES),
-                       metavar="GLOB",
-                       help="skip file names matching GLOB (repeatable); compressed rotations "
-                            "are always skipped: " + " ".join(DEFAULT_EXCLUDES))
-    files.add_argument("--follow-symlinks", action="store_true",
-                       help="read the files that symlinks in DIRECTORY point to (a symlink can "
-                            "point anywhere the tailer may read, so this is off by default)")
-    files.add_argument("--max-open-files", type=positive_int, default=default_max_open(),
-                       metavar="N", help="keep at most N log files open; idle ones are closed "
-                                         "and reopened by name, checked, when written")
-    entries = parser.add_argument_group("entries")
-    entries.add_argument("--format", default="auto", choices=FORMATS,
-                         help="how lines are parsed: auto decides per file from its first lines; "
-                              "syslog (RFC 3164 and 5424), json (JSON lines), clf (web access "
-                              "logs), app ('timestamp LEVEL message' of application loggers), "
-                              "plain")
-    entries.add_argument("--pattern", metavar="REGEX", type=pattern_parser,
-                         help="parse lines with a Python regex instead: named groups ts, host, "
-                              "program, pid, level, message fill those columns, any other goes "
-                              "into fields")
-    entries.add_argument("--multiline-start", metavar="REGEX", type=regex,
-                         help="a line matching REGEX begins an entry, any other continues the "
-                              "one before (default: in syslog and app files, a line without a "
-                              "timestamp continues the entry before it)")
-    entries.add_argument("--max-entry-bytes", type=positive_int, default=MAX_ENTRY_BYTES,
-                         metavar="N", help="a longer entry is stored as consecutive pieces "
-                                           "(part 1, 2, ...), never dropped")
-    entries.add_argument("--max-entry-lines", type=positive_int, default=MAX_ENTRY_LINES,
-                         metavar="N", help="a multi-line entry longer than N lines goes on as "
-                                           "a new entry")
-    database = parser.add_argument_group("database")
-    database.add_argument("--fts", action="store_true",
-                          help="keep a full-text index (SQLite FTS5) of the messages: "
-                               "SELECT * FROM logs WHERE id IN (SELECT rowid FROM entries_fts "
-                               "WHERE entries_fts MATCH 'timeout')")
-    database.add_argument("--keep", type=duration, metavar="DURATION",
-                          help="delete entries older than DURATION (30d, 12h, 90m, 2w), a few "
-                               "at a time; offsets stay, so nothing is read again")
-    database.add_argument("--stats", action="store_true",
-                          help="show per file its size, offset and lag, entries per level and "
-                               "per hour of the last day; reads DATABASE only, never writes")
-    database.add_argument("--max-lag", type=positive_int, metavar="BYTES",
-                          help="with --stats: exit 3 when a file lags by more than BYTES")
-    output = parser.add_argument_group("diagnostics (on stderr)")
-    output.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more diagnostics: what happens to each file and commit")
-    output.add_argument("-q", "--quiet", action="count", default=0,
-                        help="fewer: warnings and errors only (-q), errors only (-qq)")
-    output.add_argument("--version", action="version", version=version_text())
-    return parser
-
-
-def parse_args(argv=None):
-    """The options, with DIRECTORY and DATABASE checked against --stats."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    expected = 1 if args.stats else 2
-    if len(args.paths) != expected:
-        parser.error("--stats takes DATABASE only" if args.stats else
-                     "DIRECTORY and DATABASE are required")
-    if args.max_lag is not None and not args.stats:
-        parser.error("--max-lag goes with --stats")
-    args.directory, args.database = ([None] + args.paths)[-2:]
-    return args
-
-
-def regex(text: str):
+def compiled_regex(text: str):
     try:
         return re.compile(text)
     except re.error as exc:
@@ -3003,6 +3313,109 @@ def version_text() -> str:
             f"SQLite {sqlite3.sqlite_version}, Python {sys.version.split()[0]})")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the description's and epilog's lines; show every option's default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" not in text and action.default not in (None, False, [], 0)
+                and action.option_strings and action.nargs != 0
+                and action.default != list(DEFAULT_EXCLUDES)):
+            text += " (default: %(default)s)"
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="logtail2db.py", usage=USAGE, description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=HelpFormatter)
+    parser.add_argument("paths", nargs="*", metavar="DIRECTORY DATABASE",
+                        help="the directory of log files and the SQLite database (created when "
+                             "missing); with --stats only DATABASE")
+    running = parser.add_argument_group("running")
+    running.add_argument("--once", action="store_true",
+                     help="catch up with every file, then exit with a summary line")
+    running.add_argument("--from-end", action="store_true",
+                     help="a file found at start-up that the database has never seen starts at "
+                          "its end (files created later are read from their start)")
+    running.add_argument("--poll", type=positive_float, metavar="SECONDS",
+                     help="scan by stat() every SECONDS instead of using inotify (NFS and other "
+                          "filesystems without events; chosen by itself when inotify fails)")
+    running.add_argument("--cores", type=int, choices=(1, 2), default=2,
+                     help="cores a catch-up may use: with 2, a helper process parses a big "
+                          "backlog while the tailer inserts")
+    running.add_argument("--rescan", type=positive_float, default=RECONCILE_S, metavar="SECONDS",
+                     help="with inotify, rescan DIRECTORY this often anyway, a backstop for "
+                          "changes that give no event")
+    files = parser.add_argument_group("files")
+    files.add_argument("--include", action="append", default=[], metavar="GLOB",
+                       help="read only file names matching GLOB (repeatable; default: all)")
+    files.add_argument("--exclude", action="append", default=list(DEFAULT_EXCLUDES),
+                       metavar="GLOB",
+                       help="skip file names matching GLOB (repeatable); compressed rotations "
+                            "are always skipped: " + " ".join(DEFAULT_EXCLUDES))
+    files.add_argument("--follow-symlinks", action="store_true",
+                       help="read the files that symlinks in DIRECTORY point to (a symlink can "
+                            "point anywhere the tailer may read, so this is off by default)")
+    files.add_argument("--max-open-files", type=positive_int, default=default_max_open(),
+                       metavar="N", help="keep at most N log files open; idle ones are closed "
+                                         "and reopened by name, checked, when written")
+    entries = parser.add_argument_group("entries")
+    entries.add_argument("--format", default="auto", choices=FORMATS,
+                         help="how lines are parsed: auto decides per file from its first lines; "
+                              "syslog (RFC 3164 and 5424), json (JSON lines), clf (web access "
+                              "logs), app ('timestamp LEVEL message' of application loggers), "
+                              "plain")
+    entries.add_argument("--pattern", metavar="REGEX", type=pattern_parser,
+                         help="parse lines with a Python regex instead: named groups ts, host, "
+                              "program, pid, level, message fill those columns, any other goes "
+                              "into fields")
+    entries.add_argument("--multiline-start", metavar="REGEX", type=compiled_regex,
+                         help="a line matching REGEX begins an entry, any other continues the "
+                              "one before (default: in syslog and app files, a line without a "
+                              "timestamp continues the entry before it)")
+    entries.add_argument("--max-entry-bytes", type=positive_int, default=MAX_ENTRY_BYTES,
+                         metavar="N", help="a longer entry is stored as consecutive pieces "
+                                           "(part 1, 2, ...), never dropped")
+    entries.add_argument("--max-entry-lines", type=positive_int, default=MAX_ENTRY_LINES,
+                         metavar="N", help="a multi-line entry longer than N lines goes on as "
+                                           "a new entry")
+    database = parser.add_argument_group("database")
+    database.add_argument("--fts", action="store_true",
+                          help="keep a full-text index (SQLite FTS5) of the messages: "
+                               "SELECT * FROM logs WHERE id IN (SELECT rowid FROM entries_fts "
+                               "WHERE entries_fts MATCH 'timeout')")
+    database.add_argument("--keep", type=duration, metavar="DURATION",
+                          help="delete entries older than DURATION (30d, 12h, 90m, 2w), a few "
+                               "at a time; offsets stay, so nothing is read again")
+    database.add_argument("--stats", action="store_true",
+                          help="show per file its size, offset and lag, entries per level and "
+                               "per hour of the last day; reads DATABASE only, never writes")
+    database.add_argument("--max-lag", type=positive_int, metavar="BYTES",
+                          help="with --stats: exit 3 when a file lags by more than BYTES")
+    output = parser.add_argument_group("diagnostics (on stderr)")
+    output.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more diagnostics: what happens to each file and commit")
+    output.add_argument("-q", "--quiet", action="count", default=0,
+                        help="fewer: warnings and errors only (-q), errors only (-qq)")
+    output.add_argument("--version", action="version", version=version_text())
+    return parser
+
+
+def parse_args(argv=None):
+    """The options, with DIRECTORY and DATABASE checked against --stats."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    expected = 1 if args.stats else 2
+    if len(args.paths) != expected:
+        parser.error("--stats takes DATABASE only" if args.stats else
+                     "DIRECTORY and DATABASE are required")
+    if args.max_lag is not None and not args.stats:
+        parser.error("--max-lag goes with --stats")
+    args.directory, args.database = ([None] + args.paths)[-2:]
+    return args
+
+
 class _Formatter(logging.Formatter):
     """'logtail2db: warning: ...', with the time in front unless a terminal or the
     journal (which stamps lines itself) reads stderr."""
@@ -3028,82 +3441,6 @@ def setup_logging(verbosity: int) -> None:
     log.propagate = False
 
 
-# --stats: a read-only look at a database, for people and for monitoring checks.
-
-SPARKS = " ▁▂▃▄▅▆▇█"
-
-
-def sparkline(counts: list) -> str:
-    top = max(counts) or 1
-    return "".join(SPARKS[0] if n == 0 else SPARKS[max(1, round(n / top * 8))] for n in counts)
-
-
-def show_stats(path: str, max_lag, out=sys.stdout) -> int:
-    """Print what DATABASE holds; 3 when a file lags by more than max_lag bytes, else 0."""
-    check_database_file(path)
-    if not os.path.exists(path):
-        raise Fatal(f"database {path!r} does not exist")
-    # Without a -wal file no tailer has the database open: read it as immutable, which
-    # creates no -wal and -shm files beside it as a read-only connection would.
-    mode = "mode=ro" if os.path.exists(path + "-wal") else "immutable=1"
-    conn = sqlite3.connect(f"file:{urllib.parse.quote(path)}?{mode}", uri=True,
-                           timeout=BUSY_TIMEOUT_S)
-    try:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if not 0 < version <= SCHEMA_VERSION:
-            raise Fatal(f"{path!r} is not a logtail2db database this version knows "
-                        f"(schema version {version})")
-        files = conn.execute("SELECT path, path_bytes, offset, gone FROM files "
-                             "ORDER BY path").fetchall()
-        levels = conn.execute("SELECT coalesce(level, '-'), count(*) FROM entries "
-                              "GROUP BY 1 ORDER BY 2 DESC, 1").fetchall()
-        newest = conn.execute("SELECT max(ts) FROM entries").fetchone()[0]
-        now = time.time()
-        since = time.strftime("%Y-%m-%d %H:00:00", time.gmtime(now - 23 * 3600))
-        hourly = conn.execute(
-            "SELECT coalesce(level, '-'), (strftime('%s', ts) - strftime('%s', ?)) / 3600, count(*)"
-            " FROM entries WHERE ts >= ? GROUP BY 1, 2", (since, since)).fetchall()
-    finally:
-        conn.close()
-    write = out.write
-    total_size = total_offset = total_lag = 0
-    worst = 0
-    write(f"{'file':<50} {'size':>10} {'offset':>10} {'lag':>10}\n")
-    for name, name_bytes, offset, gone in files:
-        if gone is not None:
-            continue
-        try:
-            size = os.stat(name_bytes if name_bytes is not None else name).st_size
-        except OSError:
-            size = None
-        lag = max(0, size - offset) if size is not None else 0
-        worst = max(worst, lag)
-        total_size += size or 0
-        total_offset += offset
-        total_lag += lag
-        shown_size = human_bytes(size) if size is not None else "missing"
-        write(f"{name:<50} {shown_size:>10} {human_bytes(offset):>10} {human_bytes(lag):>10}\n")
-    live = sum(1 for f in files if f[3] is None)
-    write(f"{f'total: {live} files ({len(files) - live} gone)':<50} {human_bytes(total_size):>10} "
-          f"{human_bytes(total_offset):>10} {human_bytes(total_lag):>10}\n\n")
-    entries = sum(n for _, n in levels)
-    write(f"entries: {entries:,}; newest: {newest or '-'} UTC\n")
-    write("by level: " + ", ".join(f"{level} {n:,}" for level, n in levels) + "\n\n")
-    per_level = collections.defaultdict(lambda: [0] * 24)
-    for level, hour, n in hourly:
-        if 0 <= hour < 24:
-            per_level[level][hour] += n
-    write(f"last 24 h, entries per hour (oldest left, since {since} UTC):\n")
-    for level, counts in sorted(per_level.items(), key=lambda item: -sum(item[1])):
-        write(f"  {level:<10} {sparkline(counts)} {sum(counts):,}\n")
-    if not per_level:
-        write("  (no entries with a time)\n")
-    if max_lag is not None and worst > max_lag:
-        log.warning("a file lags by %d bytes, more than --max-lag %d", worst, max_lag)
-        return 3
-    return 0
-
-
 def run(args) -> int:
     if args.stats:
         return show_stats(args.database, args.max_lag)
@@ -3118,7 +3455,7 @@ def run(args) -> int:
         if args.fts:
             store.enable_fts()
         tailer = Tailer(directory, store, args)
-        tailer.skip_own_files(args.database)
+        tailer.directory.skip_own_files(args.database)
         tailer.load()
         tailer.install_signals()
         tailer.run()
