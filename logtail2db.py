@@ -15,7 +15,8 @@ Guarantees:
 
 Exit status: 0 on success or on SIGTERM/SIGINT, 1 on a fatal error (one line
 "logtail2db: error: ..." on stderr), 2 on a usage error, 3 when --stats finds a
-file lagging by more than --max-lag.
+file lagging by more than --max-lag, 4 when stopped while DATABASE could not be
+written (what is not stored is read again on the next start).
 
 The sections, each using only what stands above it:
   Constants and errors      tunables, Fatal, how names and sizes are shown
@@ -89,13 +90,16 @@ COPY_QUIET_S = 5.0              # a possible copy nobody closed is complete afte
 MAX_ENTRY_BYTES = 1 << 20       # default --max-entry-bytes
 BUSY_TIMEOUT_S = 0.5            # short, so that a locked database never delays a SIGTERM past 2 s
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 30.0   # back-off when a commit fails (disk full, locked)
-STOP_BUDGET_S = 1.0             # time given to the last read and commit after SIGTERM
+STOP_BUDGET_S = 0.5             # time given to the last reads and commits after SIGTERM...
+STOP_ROUND_BYTES = 1 << 20      # ...each of this many bytes, so that the last one ends soon
 DETACHED_POLL_S = 0.25          # a renamed-away or deleted file gets no events: poll it
 ROTATE_WAIT_S = 5.0             # ...until it has been quiet this long, then close it
 DIR_RETRY_S = 1.0               # how often a vanished DIRECTORY is looked for
 RECONCILE_S = 60                # a full rescan this often: a backstop for missed events
 DEFAULT_POLL_S = 1.0            # --poll interval when inotify cannot be had
-HOLD_S = 1.0                    # a last multi-line entry is complete after this much quiet
+HOLD_S = 0.25                   # a last multi-line entry is complete after this much quiet:
+                                # loggers write a record (a stack trace) in one write, or in
+                                # writes microseconds apart; a lone line shows within 0.3 s
 MAX_ENTRY_LINES = 500           # default --max-entry-lines
 MAX_OPEN_FILES = 256            # default --max-open-files, lowered for a small RLIMIT_NOFILE
 MARK_EVERY_S = 60.0             # how often the ingested table notes the next entry id
@@ -113,20 +117,30 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 FORMATS = ("auto", "syslog", "json", "clf", "app", "plain")
 SCHEMA_VERSION = 2
 MIN_SQLITE = (3, 31)            # generated columns (entries.message)
+WAL_LIMIT_BYTES = 16 << 20      # the -wal file is truncated to this once readers let it be
 
 # SQLite errors that pass: the batch is rolled back and retried later.
 TRANSIENT_SQLITE = {"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN"}
+
+
+EXIT_UNSTORED = 4               # stopped while the database could not be written
 
 
 class Fatal(Exception):
     """Stop the tool with this one line on stderr (exit status 1)."""
 
 
+# Control characters in a name shown in a message: a newline would split a diagnostic line,
+# an escape sequence would reach the admin's terminal.
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+CONTROL_NAMES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def shown(name) -> str:
-    """Text for messages from a bytes name; never fails, never hides a byte."""
-    if isinstance(name, bytes):
-        return name.decode("utf-8", "backslashreplace")
-    return str(name)
+    """Text for messages from a name (bytes or str); never fails, never hides a byte, and
+    shows control characters as escapes (\\n, \\x1b)."""
+    text = name.decode("utf-8", "backslashreplace") if isinstance(name, bytes) else str(name)
+    return CONTROL_RE.sub(lambda m: CONTROL_NAMES.get(m[0], f"\\x{ord(m[0]):02x}"), text)
 
 
 def human_bytes(size: float) -> str:
@@ -520,6 +534,30 @@ def last_line_end(fd: int, size: int) -> int:
             return start + cut + 1
         end = start
     return 0
+
+
+# Byte-order marks of texts whose lines are not split at b"\n" alone: warned about once.
+WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+             (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+
+
+def wide_encoding(head: bytes) -> str | None:
+    """"UTF-16" or "UTF-32" when a file starts with such a byte-order mark, else None."""
+    for bom, name in WIDE_BOMS:
+        if head.startswith(bom):
+            return name
+    return None
+
+
+def readers_beyond(database, log_file) -> str | None:
+    """Who may read the database but perhaps not a log file stored in it (from their
+    stats), as words; None when nobody."""
+    if database.st_mode & 0o004 and not log_file.st_mode & 0o004:
+        return "every user"
+    if database.st_mode & 0o040 and not (log_file.st_mode & 0o004 or (
+            log_file.st_mode & 0o040 and log_file.st_gid == database.st_gid)):
+        return f"group {database.st_gid}"
+    return None
 
 
 def open_file(path: bytes, follow_symlinks: bool):
@@ -1581,39 +1619,64 @@ class SqliteRows:
                 raw, message or "", msg_at, part or 0)
 
 
+FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device",
+              stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
+
+
 def check_database_file(path: str) -> None:
-    """Refuse a DATABASE that is not an SQLite file, before SQLite may touch it."""
+    """Refuse a DATABASE that is not an SQLite file, before SQLite may touch it (or create
+    anything beside it)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise Fatal(f"cannot open database {path!r}: {exc.strerror}")
+    if not stat.S_ISREG(st.st_mode):
+        kind = FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        raise Fatal(f"database {path!r} is {kind}, not a file (left untouched)")
     try:
         with open(path, "rb") as file:
             header = file.read(len(SQLITE_MAGIC))
-    except FileNotFoundError:
-        return
-    except IsADirectoryError:
-        raise Fatal(f"database {path!r} is a directory")
     except OSError as exc:
         raise Fatal(f"cannot open database {path!r}: {exc.strerror}")
     if header and header != SQLITE_MAGIC:
         raise Fatal(f"{path!r} is not an SQLite database (left untouched)")
 
 
-def other_tailer_pid(path: str):
-    """The pid recorded by the tailer that holds DATABASE, or None."""
+def check_database_directory(path: str) -> None:
+    """WAL mode needs DATABASE-wal and DATABASE-shm beside it: say so at once when its
+    directory cannot have them, rather than as an I/O error from SQLite later."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise Fatal(f"cannot create files in {directory!r}: SQLite needs to create "
+                    f"{os.path.basename(path)}-wal and {os.path.basename(path)}-shm beside "
+                    "the database")
+
+
+def flock_holder(st) -> int | None:
+    """The pid holding an flock() on the file of this stat, from /proc/locks, or None.
+    Read so, not from the database: through another name (a hard link) SQLite would make
+    -wal and -shm files of its own beside it."""
     try:
-        conn = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True,
-                               timeout=BUSY_TIMEOUT_S)
-        try:
-            row = conn.execute("SELECT value FROM meta WHERE key = 'pid'").fetchone()
-        finally:
-            conn.close()
-    except sqlite3.Error:
+        with open("/proc/locks") as locks:
+            lines = locks.read().splitlines()
+    except OSError:
         return None
-    return row[0] if row else None
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in lines:
+        fields = line.split()
+        if "->" not in fields and len(fields) >= 6 and fields[1] == "FLOCK" \
+                and fields[5] == inode:
+            return int(fields[4])
+    return None
 
 
-def lock_database(path: str) -> int:
-    """An fd holding an exclusive flock() on DATABASE, or Fatal naming who holds it."""
+def lock_database(path: str, mode: int) -> int:
+    """An fd holding an exclusive flock() on DATABASE (created with mode, so are its -wal
+    and -shm, which SQLite makes with its mode), or Fatal naming who holds it."""
     try:
-        lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
     except OSError as exc:
         raise Fatal(f"cannot open database {path!r}: {exc.strerror}")
     try:
@@ -1621,8 +1684,8 @@ def lock_database(path: str) -> int:
         # open as long as the store, so closing it never drops SQLite's locks early.
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        pid = flock_holder(os.fstat(lock_fd))
         os.close(lock_fd)
-        pid = other_tailer_pid(path)
         who = f"pid {pid}" if pid is not None else "pid unknown"
         raise Fatal(f"database {path!r} is in use by another logtail2db ({who})")
     return lock_fd
@@ -1642,14 +1705,16 @@ class SqliteStore(Store):
         self.now = None         # the loop's clock when the open transaction began
 
     @classmethod
-    def open(cls, path: str) -> SqliteStore:
-        """Open (or create) DATABASE for writing: locked, in WAL mode, schema up to date."""
+    def open(cls, path: str, mode: int = 0o600) -> SqliteStore:
+        """Open (or create, with mode) DATABASE for writing: locked, in WAL mode, schema up
+        to date."""
         if sqlite3.sqlite_version_info < MIN_SQLITE:
             raise Fatal(f"this Python's sqlite3 module has SQLite {sqlite3.sqlite_version}; "
                         f"logtail2db needs {'.'.join(map(str, MIN_SQLITE))} or newer "
                         "(generated columns)")
         check_database_file(path)
-        lock_fd = lock_database(path)
+        check_database_directory(path)
+        lock_fd = lock_database(path, mode)
         try:
             store = cls(path, sqlite3.connect(path, isolation_level=None,
                                               timeout=BUSY_TIMEOUT_S), lock_fd)
@@ -1676,6 +1741,9 @@ class SqliteStore(Store):
         # In WAL mode NORMAL loses no consistency: a power cut can only roll back the last
         # transactions, entries and offsets together, and they are read again.
         conn.execute("PRAGMA synchronous = normal")
+        # A reader holding a snapshot lets the WAL grow; once readers let go and it is
+        # checkpointed, SQLite truncates it back to this size instead of keeping it.
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
         if version == 0:
             self.run_script(SCHEMA)
         elif version < SCHEMA_VERSION:
@@ -1801,20 +1869,20 @@ def read_sqlite_stats(path: str, now_s: float) -> Stats:
         return Stats(
             conn.execute("SELECT path, path_bytes, offset, gone FROM files ORDER BY path")
             .fetchall(),
-            conn.execute("SELECT coalesce(level, '-'), count(*) FROM entries "
+            conn.execute("SELECT level, count(*) FROM entries "
                          "GROUP BY 1 ORDER BY 2 DESC, 1").fetchall(),
             conn.execute("SELECT max(ts) FROM entries").fetchone()[0],
             since,
-            conn.execute("SELECT coalesce(level, '-'), (strftime('%s', ts) - strftime('%s', ?))"
+            conn.execute("SELECT level, (strftime('%s', ts) - strftime('%s', ?))"
                          " / 3600, count(*) FROM entries WHERE ts >= ? GROUP BY 1, 2",
                          (since, since)).fetchall())
     finally:
         conn.close()
 
 
-def open_store(target: str) -> Store:
-    """The store DATABASE names, open for writing."""
-    return SqliteStore.open(target)
+def open_store(target: str, mode: int = 0o600) -> Store:
+    """The store DATABASE names, open for writing (a new SQLite file gets mode)."""
+    return SqliteStore.open(target, mode)
 
 
 # Event loop ###################################################################
@@ -2223,12 +2291,15 @@ class Directory:
         self.inotify_fd = self.wd = None
         self.poll_s = options.poll
         self.missing = False    # deleted or moved away: looked for every DIR_RETRY_S
+        self.identity = self.stat()     # (st_dev, st_ino) of the directory followed
+        self.suspect = False    # names were created or deleted: is it still the same one?
         self.rescan_at = 0.0
         self.dirty = {}         # name -> inotify mask gathered since the last round
         self.link_watches = {}  # wd -> names: watches on symlink targets (--follow-symlinks)
         self.skip = set()       # (dev, ino) never read: the database's own files...
         self.skip_names = set() # ...and their names, when the database is in DIRECTORY
         self.warned = set()     # (name, what): warnings given once
+        self.database = None    # its path, to see who may read it
 
     def watch(self) -> None:
         """Start inotify on DIRECTORY, or fall back to polling when it cannot be had."""
@@ -2245,6 +2316,19 @@ class Directory:
             log.warning("inotify unavailable (%s): polling %s every %g s instead",
                         exc.strerror, shown(self.path), self.poll_s)
 
+    def stat(self):
+        st = os.stat(self.path)
+        return st.st_dev, st.st_ino
+
+    def replaced(self) -> bool:
+        """Whether the path now leads to another directory, or nowhere. A file of the old
+        one still open keeps its watch alive: no IN_DELETE_SELF comes until it is closed."""
+        self.suspect = False
+        try:
+            return self.stat() != self.identity
+        except OSError:
+            return True
+
     def how(self) -> str:
         if self.poll_s is not None:
             return f"polling every {self.poll_s:g} s"
@@ -2253,6 +2337,7 @@ class Directory:
     def skip_own_files(self, database: str) -> None:
         """Never read the database's own files, nor a stderr redirected into DIRECTORY."""
         base = os.fsencode(os.path.abspath(database))
+        self.database = base
         for suffix in DB_SUFFIXES:
             try:
                 st = os.stat(base + suffix)
@@ -2286,8 +2371,11 @@ class Directory:
         return not any(fnmatch.fnmatchcase(text, p) for p in self.options.exclude)
 
     def listing(self, now: float) -> dict:
-        """{name: inode} of what is in DIRECTORY now; the next scan is due a while later."""
+        """{name: inode} of what is in DIRECTORY now; the next scan is due a while later.
+        OSError when it is gone, or another directory has taken its path."""
         self.rescan_at = now + (self.poll_s or self.options.rescan)
+        if self.replaced():
+            raise FileNotFoundError(errno.ENOENT, "replaced by another directory")
         with os.scandir(self.path) as entries:
             return {entry.name: entry.inode() for entry in entries}
 
@@ -2307,6 +2395,7 @@ class Directory:
             return bool(event.mask & DIR_GONE)
         elif not event.mask & IN_ISDIR:
             self.dirty[event.name] = self.dirty.get(event.name, 0) | event.mask
+            self.suspect |= bool(event.mask & (IN_CREATE | IN_DELETE))
         return False
 
     def take_dirty(self) -> dict:
@@ -2387,8 +2476,28 @@ class Directory:
             self.rescan_at = now + DIR_RETRY_S
             return
         log.warning("%s is back; following it again", shown(self.path))
+        self.identity = self.stat()
         self.missing = False
         self.rescan_at = 0.0
+
+    def check_file(self, name: bytes, st, head: bytes) -> None:
+        """Warn (once) of what a file read from its start makes of the database: text
+        whose lines are not split at newlines alone, readers of the logs it stores."""
+        encoding = wide_encoding(head)
+        if encoding is not None:
+            self.warn_once(name, "encoding", logging.WARNING, "%s: %s text (it begins with a "
+                           "byte-order mark): stored as its bytes, its messages not readable",
+                           encoding)
+        try:
+            database = os.stat(self.database) if self.database else None
+        except OSError:
+            return
+        who = readers_beyond(database, st) if database is not None else None
+        if who is not None:
+            self.warn_once(b"", "readers", logging.WARNING, "%s%s may be read by %s, who may "
+                           "not read %s (modes %04o and %04o): chmod 600 it, or 640 for the "
+                           "logs' group", shown(self.database), who, shown(name),
+                           database.st_mode & 0o777, st.st_mode & 0o777)
 
     def warn_once(self, name: bytes, what, level: int, message: str, *args) -> None:
         if (name, what) not in self.warned:
@@ -2428,6 +2537,8 @@ class Tailer:
         self.max_open = options.max_open_files
         self.next_id = store.max_file_id() + 1
         self.stopping = False
+        self.finishing = False  # in finish(): the last rounds before exiting
+        self.hangup = False     # SIGHUP came: rescan at once
         self.starting = True    # until the first scan is through: --from-end, gone files
         self.scan_left = None   # names of a scan still to look at, sorted (None: no scan)
         self.wake_r = self.wake_w = None
@@ -2454,7 +2565,7 @@ class Tailer:
         self.stopping = True    # no work in a signal handler: the loop sees the flag
 
     def _on_hup(self, signum, frame):
-        self.directory.rescan_at = 0.0
+        self.hangup = True      # the loop says so, and rescans
 
     def load(self) -> None:
         """Files the database follows in DIRECTORY, to be matched while scanning, and the
@@ -2546,8 +2657,16 @@ class Tailer:
 
     def round(self, now: float) -> None:
         """What one wake-up calls for: read, store, close idle files, retention, progress."""
+        if self.hangup:
+            self.hangup = False
+            log.info("SIGHUP: rescanning %s", shown(self.directory.path))
+            self.directory.rescan_at = 0.0
         if self.backoff.waiting(now):
             return
+        if not self.directory.missing and (self.directory.suspect or self.detached):
+            if self.directory.replaced():
+                self.lose_directory(now)
+                self.directory.rescan_at = now      # look for the new one at once
         if self.directory.missing and now >= self.directory.rescan_at:
             self.directory.find(now)
         self.stored(now, lambda: self.read_round(now))
@@ -2622,19 +2741,26 @@ class Tailer:
     def last_rounds(self, deadline: float) -> None:
         """Read on until nothing is left or the stop budget is spent, then store the held
         entries: their writers stop with us, or we would hold them across the restart."""
+        self.finishing = True
+        if self.worker is not None and self.worker.file is not None:
+            self.worker.abandon(self.worker.file)   # the builders hold what was taken
+        self.use_worker = False     # small rounds in-process, each done soon
         now = self.clock()
         self.stored(now, lambda: self.take_events(now))
         for t in self.tracked.values():
             if t.fd is not None:
                 self.pending[t] = None
         while self.pending and now < deadline and self.backoff.at is None:
-            self.stored(now, lambda: self.read_pending(now))
+            self.stored(now, lambda: self.read_pending(now, STOP_ROUND_BYTES))
             now = self.clock()
-        if self.worker is not None and self.worker.file is not None:
-            self.worker.abandon(self.worker.file)   # the builders hold what was taken
         if self.backoff.at is None:
             self.stored(now, lambda: [self.add_rows(t, t.builder.flush())
                                       for t in list(self.holders)])
+
+    def cut_short(self) -> bool:
+        """A stop is asked for: the round in progress stores what it has and ends (the
+        last rounds of finish() then read on, in small steps)."""
+        return self.stopping and not self.finishing
 
     def take_events(self, now: float) -> list:
         """Bring every name that had events up to date; returns the files whose writer
@@ -2671,7 +2797,7 @@ class Tailer:
             self.starting = False
             for key, state in list(self.resumable.items()):
                 log.info("%s: gone while stopped; its unread bytes, if any, are lost",
-                         state.path)
+                         shown(state.path))
                 self.depart(state, stored_original(state))
                 del self.resumable[key]
 
@@ -2763,6 +2889,7 @@ class Tailer:
         self.opened(t, fd)
         self.tracked[(st.st_dev, st.st_ino)] = t
         t.size = st.st_size
+        self.directory.check_file(name, st, os.pread(fd, 4, 0))
         if known is not None and (known.offset or known.fingerprint):
             self.resume(t, known, st)
         elif self.starting and self.options.from_end and known is None:
@@ -2782,13 +2909,18 @@ class Tailer:
         """Go on with a stored file where it is stored up to, if it still holds that."""
         hashes = {offset: tail_hash(t.fd, offset)
                   for offset in hash_offsets(known, (), st.st_size)}
-        verdict = identify(known, t.look(st, hashes, self.clock()))
+        look = t.look(st, hashes, self.clock())
+        verdict = identify(known, look)
         if verdict.kind in (UNCHANGED, GROWN):
             self.originals.follow(t)
             return
-        log.info("%s: %s while stopped; reading it from the start", shown(t.state.path),
-                 "truncated" if verdict.kind == TRUNCATED else "its first bytes changed "
-                 "(rewritten, or a new file under a reused inode)")
+        if verdict.kind == TRUNCATED:
+            what = "truncated"
+        elif look.head.startswith(known.fingerprint):
+            what = "truncated and written again past its stored offset"
+        else:
+            what = "its first bytes changed (a new file under a reused inode, or rewritten)"
+        log.info("%s: %s while stopped; reading it from the start", shown(t.state.path), what)
         self.depart(known, stored_original(known))
         self.begin_again(t, st)
 
@@ -2838,7 +2970,7 @@ class Tailer:
             t.copy_of(verdict, look.head)
             t.builder = self.new_builder(t)
             log.info("%s: a copy of %s; its first %d bytes are stored already", shown(t.name),
-                     verdict.original.path, t.pos)
+                     shown(verdict.original.path), t.pos)
         self.touched[t] = None
         return True
 
@@ -2923,13 +3055,13 @@ class Tailer:
 
     # -- reading ---------------------------------------------------------------
 
-    def read_pending(self, now: float) -> None:
-        """Read queued files, ROUND_BYTES at most per round so that signals stay prompt,
-        and no more files than may stay open until the commit. Possible copies come last:
-        their originals may have been truncated (and remembered) in the same round."""
-        budget = ROUND_BYTES
+    def read_pending(self, now: float, budget: int = ROUND_BYTES) -> None:
+        """Read queued files, budget bytes at most, and no more files than may stay open
+        until the commit; a SIGTERM ends the round between two chunks. Possible copies
+        come last: their originals may have been truncated (and remembered) in the same
+        round."""
         for t in sorted(self.pending, key=lambda t: t.candidate):
-            if budget <= 0 or len(self.touched) >= self.max_open // 2:
+            if budget <= 0 or len(self.touched) >= self.max_open // 2 or self.cut_short():
                 return
             try:
                 done, used = self.read(t, budget, now)
@@ -2988,7 +3120,7 @@ class Tailer:
         before the new position as far as known)."""
         used = 0
         window = max(READ_CHUNK, self.parse_options.max_entry_bytes)
-        while used < budget and t.pos < st.st_size:
+        while used < budget and t.pos < st.st_size and not self.cut_short():
             data, end, rest = read_complete(t.fd, t.pos, window)
             if data:
                 self.add_rows(t, t.builder.feed(data, t.pos, st.st_mtime))
@@ -3179,50 +3311,64 @@ def sparkline(counts: list) -> str:
     return "".join(SPARKS[0] if n == 0 else SPARKS[max(1, round(n / top * 8))] for n in counts)
 
 
-def show_entries(stats: Stats, write) -> None:
-    """The entries part of --stats: counts per level, the newest, the last day's hours."""
+def file_lags(stats: Stats) -> list:
+    """(path, size or None when missing, offset, lag) of each file followed."""
+    lags = []
+    for name, name_bytes, offset, gone in stats.files:
+        if gone is None:
+            try:
+                size = os.stat(name_bytes if name_bytes is not None else name).st_size
+            except OSError:
+                size = None
+            lags.append((name, size, offset, max(0, size - offset) if size is not None else 0))
+    return lags
+
+
+def stats_text(stats: Stats, lags: list) -> str:
+    """What --stats prints: the files with their lag, then the entries."""
+    lines = [f"{'file':<50} {'size':>10} {'offset':>10} {'lag':>10}"]
+    for name, size, offset, lag in lags:
+        shown_size = human_bytes(size) if size is not None else "missing"
+        lines.append(f"{shown(name):<50} {shown_size:>10} {human_bytes(offset):>10} "
+                     f"{human_bytes(lag):>10}")
+    gone = len(stats.files) - len(lags)
+    lines.append(f"{f'total: {len(lags)} files ({gone} gone)':<50} "
+                 f"{human_bytes(sum(size or 0 for _, size, _, _ in lags)):>10} "
+                 f"{human_bytes(sum(lag[2] for lag in lags)):>10} "
+                 f"{human_bytes(sum(lag[3] for lag in lags)):>10}")
     entries = sum(n for _, n in stats.levels)
-    write(f"entries: {entries:,}; newest: {stats.newest or '-'} UTC\n")
-    write("by level: " + ", ".join(f"{level} {n:,}" for level, n in stats.levels) + "\n\n")
+    newest = f"{stats.newest} UTC" if stats.newest else "no entry has a time"
+    lines += ["", f"entries: {entries:,}; newest: {newest}",
+              "by level: " + (", ".join(f"{level or 'no level'} {n:,}" for level, n in
+                                        stats.levels) or "no entries"), ""]
     per_level = collections.defaultdict(lambda: [0] * 24)
     for level, hour, n in stats.hourly:
         if 0 <= hour < 24:
-            per_level[level][hour] += n
-    write(f"last 24 h, entries per hour (oldest left, since {stats.since} UTC):\n")
+            per_level[level or "no level"][hour] += n
+    lines.append(f"last 24 h, entries per hour (oldest left, since {stats.since} UTC):")
     for level, counts in sorted(per_level.items(), key=lambda item: -sum(item[1])):
-        write(f"  {level:<10} {sparkline(counts)} {sum(counts):,}\n")
+        lines.append(f"  {level:<10} {sparkline(counts)} {sum(counts):,}")
     if not per_level:
-        write("  (no entries with a time)\n")
+        lines.append("  (no entries with a time)")
+    return "\n".join(lines) + "\n"
 
 
 def show_stats(path: str, max_lag, out=sys.stdout) -> int:
-    """Print what DATABASE holds; 3 when a file lags by more than max_lag bytes, else 0."""
+    """Print what DATABASE holds; 3 when a file lags by more than max_lag bytes, else 0.
+    A reader that stops reading (--stats | head) changes neither."""
     stats = read_sqlite_stats(path, time.time())
-    write = out.write
-    total_size = total_offset = total_lag = 0
-    worst = 0
-    write(f"{'file':<50} {'size':>10} {'offset':>10} {'lag':>10}\n")
-    for name, name_bytes, offset, gone in stats.files:
-        if gone is not None:
-            continue
-        try:
-            size = os.stat(name_bytes if name_bytes is not None else name).st_size
-        except OSError:
-            size = None
-        lag = max(0, size - offset) if size is not None else 0
-        worst = max(worst, lag)
-        total_size += size or 0
-        total_offset += offset
-        total_lag += lag
-        shown_size = human_bytes(size) if size is not None else "missing"
-        write(f"{name:<50} {shown_size:>10} {human_bytes(offset):>10} {human_bytes(lag):>10}\n")
-    live = sum(1 for f in stats.files if f[3] is None)
-    write(f"{f'total: {live} files ({len(stats.files) - live} gone)':<50} "
-          f"{human_bytes(total_size):>10} {human_bytes(total_offset):>10} "
-          f"{human_bytes(total_lag):>10}\n\n")
-    show_entries(stats, write)
-    if max_lag is not None and worst > max_lag:
-        log.warning("a file lags by %d bytes, more than --max-lag %d", worst, max_lag)
+    lags = file_lags(stats)
+    try:
+        out.write(stats_text(stats, lags))
+        out.flush()
+    except BrokenPipeError:
+        # Nothing more can reach the reader, and the interpreter's own last flush would
+        # fail too: what is left goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+    lagging = [(name, lag) for name, _, _, lag in lags if max_lag is not None and lag > max_lag]
+    if lagging:
+        log.warning("%d files lag by more than --max-lag %d bytes: %s", len(lagging), max_lag,
+                    ", ".join(f"{shown(name)} ({lag:,} bytes)" for name, lag in lagging))
         return 3
     return 0
 
@@ -3249,6 +3395,8 @@ exit status:
   1  fatal error, one line "logtail2db: error: ..." on stderr
   2  usage error
   3  --stats: a file lags by more than --max-lag bytes
+  4  stopped by SIGTERM/SIGINT while DATABASE could not be written (full, locked):
+     what was not stored is read again on the next start
 
 examples:
   logtail2db.py /var/log/app /var/lib/logtail2db/app.db
@@ -3295,17 +3443,35 @@ def default_max_open() -> int:
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text}")
     return value
 
 
 def positive_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text}")
     return value
+
+
+def file_mode(text: str) -> int:
+    """--db-mode: octal permissions such as 0600 or 640, nobody but owner and group."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not octal permissions like 0600: {text!r}") from None
+    if mode & ~0o660 or not mode & 0o600 == 0o600:
+        raise argparse.ArgumentTypeError(f"{text}: the owner reads and writes (0600), the "
+                                         "group may (0660 at most); others never")
+    return mode
 
 
 def version_text() -> str:
@@ -3318,7 +3484,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if ("%(default)" not in text and action.default not in (None, False, [], 0)
+        if ("%(default)" not in text and "(default:" not in text
+                and action.default not in (None, False, [], 0)
                 and action.option_strings and action.nargs != 0
                 and action.default != list(DEFAULT_EXCLUDES)):
             text += " (default: %(default)s)"
@@ -3381,6 +3548,10 @@ def build_parser() -> argparse.ArgumentParser:
                          metavar="N", help="a multi-line entry longer than N lines goes on as "
                                            "a new entry")
     database = parser.add_argument_group("database")
+    database.add_argument("--db-mode", type=file_mode, default=0o600, metavar="MODE",
+                          help="permissions of a DATABASE it creates, and of its -wal and "
+                               "-shm files: 0600 (only its owner), or 0640 for a group that "
+                               "may read the logs too (default: 0600)")
     database.add_argument("--fts", action="store_true",
                           help="keep a full-text index (SQLite FTS5) of the messages: "
                                "SELECT * FROM logs WHERE id IN (SELECT rowid FROM entries_fts "
@@ -3407,11 +3578,16 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     expected = 1 if args.stats else 2
-    if len(args.paths) != expected:
-        parser.error("--stats takes DATABASE only" if args.stats else
+    if len(args.paths) > expected:
+        parser.error(f"unexpected argument {args.paths[expected]!r}"
+                     + (" (--stats takes DATABASE only)" if args.stats else ""))
+    if len(args.paths) < expected:
+        parser.error("--stats needs DATABASE" if args.stats else
                      "DIRECTORY and DATABASE are required")
     if args.max_lag is not None and not args.stats:
         parser.error("--max-lag goes with --stats")
+    if args.stats and args.once:
+        parser.error("--stats only reads DATABASE: it goes without --once")
     args.directory, args.database = ([None] + args.paths)[-2:]
     return args
 
@@ -3444,13 +3620,16 @@ def setup_logging(verbosity: int) -> None:
 def run(args) -> int:
     if args.stats:
         return show_stats(args.database, args.max_lag)
+    if args.db_mode & 0o060:
+        log.info("--db-mode %04o: the group of %s may read it, as it may read the logs in it",
+                 args.db_mode, args.database)
     directory = os.path.abspath(os.fsencode(args.directory))
     try:
         if not stat.S_ISDIR(os.stat(directory).st_mode):
             raise Fatal(f"{args.directory!r} is not a directory")
     except OSError as exc:
         raise Fatal(f"directory {args.directory!r}: {exc.strerror}")
-    store = open_store(args.database)
+    store = open_store(args.database, args.db_mode)
     try:
         if args.fts:
             store.enable_fts()
@@ -3462,7 +3641,7 @@ def run(args) -> int:
         log.info("%s: %s", "done" if args.once else "stopped", tailer.summary())
     finally:
         store.close()
-    return 0
+    return EXIT_UNSTORED if tailer.backoff.at is not None else 0
 
 
 def main(argv=None) -> int:

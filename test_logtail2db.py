@@ -15,6 +15,7 @@ import select
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -422,6 +423,57 @@ def test_unwritable_database_exits_1(logdir, tmp_path):
     lines = result.stderr.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith("logtail2db: error: cannot open database")
     assert "Not a directory" in lines[0] and "Traceback" not in result.stderr.decode()
+
+
+@pytest.mark.parametrize("args,said", [
+    (["logs", "x.db", "extra"], "unexpected argument 'extra'"),
+    (["--max-lag", "abc", "--stats", "x.db"], "--max-lag: not a whole number: 'abc'"),
+    (["--max-lag", "0", "--stats", "x.db"], "--max-lag: must be positive: 0"),
+    (["--once", "--stats", "x.db"], "--stats only reads DATABASE: it goes without --once"),
+    (["--db-mode", "0644", "logs", "x.db"], "--db-mode: 0644: the owner reads and writes"),
+])
+def test_usage_errors_say_what_is_wrong_in_words(tmp_path, args, said):
+    result = subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True,
+                            cwd=tmp_path)
+    assert result.returncode == 2
+    assert said in result.stderr
+    assert "positive_int" not in result.stderr and "required" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["/dev/null", "directory", "fifo"])
+def test_database_that_is_not_a_regular_file_is_refused_and_nothing_made_beside_it(
+        logdir, tmp_path, kind):
+    if kind == "/dev/null":
+        database, said = Path("/dev/null"), "is a character device, not a file"
+    elif kind == "directory":
+        database, said = tmp_path / "db", "is a directory, not a file"
+        database.mkdir()
+    else:
+        database, said = tmp_path / "db", "is a FIFO, not a file"
+        os.mkfifo(database)
+    (logdir / "a.log").write_bytes(b"x\n")
+    beside = sorted(database.parent.iterdir())
+    result = run_once(logdir, database, timeout=20)
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == [
+        f"logtail2db: error: database {str(database)!r} {said} (left untouched)"]
+    assert sorted(database.parent.iterdir()) == beside
+
+
+def test_database_in_a_directory_it_cannot_write_says_what_sqlite_needs(logdir, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o555)
+    (logdir / "a.log").write_bytes(b"x\n")
+    result = subprocess.run([sys.executable, TOOL, "--once", str(logdir), str(locked / "app.db")],
+                            capture_output=True, text=True,
+                            preexec_fn=drop_file_capabilities if os.geteuid() == 0 else None)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"logtail2db: error: cannot create files in {str(locked)!r}: SQLite needs to create "
+        "app.db-wal and app.db-shm beside the database"]
+    assert list(locked.iterdir()) == []
 
 
 def test_once_reads_every_complete_line_and_exits(logdir, db):
@@ -1129,6 +1181,22 @@ def test_directory_removed_and_created_again(tailer, logdir, db):
              lambda: raws(db))
 
 
+def test_directory_replaced_at_once_is_followed_within_a_second(tailer, logdir, db):
+    daemon = tailer()
+    append(logdir / "a.log", b"before\n")
+    wait_for(lambda: raws(db) == [b"before"], 10, "the first line", lambda: raws(db))
+    (logdir / "a.log").unlink()     # still open in the tailer: the old watch stays alive
+    logdir.rmdir()
+    logdir.mkdir()
+    replaced = time.monotonic()
+    wait_for(lambda: "is back" in daemon.stderr, 1, "the new directory followed",
+             lambda: daemon.stderr)
+    assert time.monotonic() - replaced < 1
+    append(logdir / "b.log", b"after\n")
+    wait_for(lambda: raws(db) == [b"before", b"after"], 10, "a line in the new directory",
+             lambda: raws(db))
+
+
 def test_directory_moved_away_and_back(tailer, logdir, db, tmp_path):
     daemon = tailer()
     append(logdir / "a.log", b"one\n")
@@ -1292,6 +1360,150 @@ def test_utf8_boundary(data, cut, expected):
 
 
 
+def test_stopped_while_the_database_is_locked_exits_4_and_loses_nothing(tailer, logdir, db):
+    daemon = tailer()
+    append(logdir / "app.log", b"one\n")
+    wait_for(lambda: raws(db) == [b"one"], 10, "the first line", lambda: raws(db))
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")        # another writer holds the lock
+    try:
+        append(logdir / "app.log", b"two\n")
+        wait_for(lambda: "database is locked" in daemon.stderr, 20, "the error logged",
+                 lambda: daemon.stderr)
+        assert daemon.terminate(timeout=10) == lt.EXIT_UNSTORED
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert "will be read again on the next start" in daemon.stderr
+    assert run_once(logdir, db).returncode == 0
+    assert raws(db) == [b"one", b"two"]
+
+
+HOSTILE = b"evil\nlogtail2db: error: forged\x1b[31m.log"
+
+
+def test_control_characters_in_names_are_shown_escaped(logdir, db):
+    (logdir / os.fsdecode(HOSTILE)).write_bytes(b"\xff\xfe" + "wide\n".encode("utf-16-le"))
+    result = run_once("-v", logdir, db)
+    assert result.returncode == 0, result.stderr
+    said = result.stderr.decode()
+    assert "\x1b" not in said and "forged" in said
+    assert all(re.match(r"([0-9-]+ [0-9:]+ )?logtail2db: ", line)
+               for line in said.splitlines()), said
+    assert "evil\\nlogtail2db: error: forged\\x1b[31m.log" in said
+    [(path,)] = query(db, "SELECT CAST(path AS BLOB) FROM files")
+    assert path == bytes(logdir) + b"/" + HOSTILE             # stored as it is
+    stats = subprocess.run([sys.executable, TOOL, "--stats", str(db)], capture_output=True,
+                           text=True)
+    assert stats.returncode == 0, stats.stderr
+    assert "\x1b" not in stats.stdout and "forged\\x1b[31m.log" in stats.stdout
+
+
+def test_wide_text_is_warned_about_once_and_stored_as_its_bytes(tailer, logdir, db):
+    data = "\ufeffone\ntwo\n".encode("utf-16-le")
+    (logdir / "wide.log").write_bytes(data)
+    daemon = tailer()
+    wait_for(lambda: b"\n".join(raws(db)) == data[:data.rindex(b"\n")], 10, "the lines",
+             lambda: raws(db))
+    append(logdir / "wide.log", "three\n".encode("utf-16-le"))
+    wait_for(lambda: len(raws(db)) == 3, 10, "the next line", lambda: raws(db))
+    assert daemon.stderr.count("UTF-16 text") == 1
+
+
+@pytest.mark.parametrize("kept,said", [
+    (0, b"app.log: truncated while stopped"),
+    (100, b"app.log: truncated and written again past its stored offset while stopped"),
+])
+def test_truncated_while_stopped_is_said_so(logdir, db, kept, said):
+    (logdir / "app.log").write_bytes(numbered(0, 200))          # past the first 1 KiB
+    assert run_once(logdir, db).returncode == 0
+    # truncated, then written again: short of the offset, or past it after the same first lines
+    (logdir / "app.log").write_bytes(numbered(0, kept) + numbered(200, 201 + 2 * kept))
+    result = run_once(logdir, db)
+    assert result.returncode == 0
+    assert said in result.stderr
+    assert b"reused inode" not in result.stderr
+    assert len(raws(db)) == 200 + kept + 1 + 2 * kept
+
+
+def test_sighup_says_it_rescans(tailer, logdir, db):
+    daemon = tailer()
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: f"SIGHUP: rescanning {logdir}" in daemon.stderr, 10, "the rescan said",
+             lambda: daemon.stderr)
+    append(logdir / "app.log", b"after\n")
+    wait_for(lambda: raws(db) == [b"after"], 10, "a line after it", lambda: raws(db))
+
+
+def test_database_by_another_name_names_its_tailer_and_is_left_alone(tailer, logdir, db,
+                                                                      tmp_path):
+    daemon = tailer()
+    other_name = tmp_path / "hard-link.db"
+    os.link(db, other_name)
+    beside = sorted(tmp_path.iterdir())
+    result = run_once(logdir, other_name)
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == [
+        f"logtail2db: error: database {str(other_name)!r} is in use by another logtail2db "
+        f"(pid {daemon.proc.pid})"]
+    assert sorted(tmp_path.iterdir()) == beside        # no hard-link.db-wal, -shm
+
+
+def modes(db):
+    return {path.name[len(db.name):] or "db": stat.S_IMODE(path.stat().st_mode)
+            for path in db.parent.iterdir() if path.name.startswith(db.name)}
+
+
+@pytest.mark.parametrize("args,mode", [((), 0o600), (("--db-mode", "0640"), 0o640)])
+def test_database_and_its_wal_are_made_no_more_readable_than_asked(tailer, logdir, db,
+                                                                  args, mode):
+    os.umask(old := os.umask(0o022))
+    assert old == 0o022, "the test runs under the usual umask"
+    tailer(*args)
+    append(logdir / "app.log", b"one\n")
+    wait_for(lambda: raws(db) == [b"one"], 10, "the line", lambda: raws(db))
+    assert modes(db) == {"db": mode, "-wal": mode, "-shm": mode}
+
+
+def test_database_readable_by_more_users_than_a_log_is_warned_about(tailer, logdir, db):
+    (logdir / "auth.log").write_bytes(b"secret\n")
+    os.chmod(logdir / "auth.log", 0o640)
+    assert run_once(logdir, db).returncode == 0
+    os.chmod(db, 0o644)
+    (logdir / "auth.log.1").write_bytes(b"more secrets\n")
+    os.chmod(logdir / "auth.log.1", 0o600)
+    daemon = tailer()
+    append(logdir / "auth.log", b"secret 2\n")
+    wait_for(lambda: len(raws(db)) == 3, 10, "the lines", lambda: raws(db))
+    assert daemon.stderr.count("may be read by every user") == 1, daemon.stderr
+
+
+def test_wal_shrinks_once_a_long_reader_lets_go(tailer, logdir, db):
+    daemon = tailer()
+    append(logdir / "app.log", b"first\n")
+    wait_for(lambda: len(raws(db)) == 1, 10, "the first line", lambda: raws(db))
+    wal = Path(f"{db}-wal")
+    reader = sqlite3.connect(db, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM entries").fetchall()     # holds its snapshot
+    try:
+        line = b"x" * 1000 + b"\n"
+        for n in range(25):     # many commits: none of them may reuse the WAL's start
+            append(logdir / "app.log", line * 1000)
+            wait_for(lambda: query(db, "SELECT count(*) FROM entries") == [(n * 1000 + 1001,)],
+                     20, "the lines", lambda: query(db, "SELECT count(*) FROM entries"))
+        grown = wal.stat().st_size
+        assert grown > 2 * lt.WAL_LIMIT_BYTES
+    finally:
+        reader.close()
+    deadline = time.monotonic() + 30
+    while wal.stat().st_size > lt.WAL_LIMIT_BYTES:     # more lines: checkpoints, restarts
+        assert time.monotonic() < deadline, f"the WAL stayed at {wal.stat().st_size} bytes"
+        append(logdir / "app.log", b"more\n")
+        time.sleep(0.1)
+    assert daemon.proc.poll() is None
+
+
 # Entries from lines: the builder (pure) and the tailer ########################
 
 class FullRows:
@@ -1438,10 +1650,8 @@ def test_stack_trace_is_one_entry_held_until_quiet(tailer, logdir, db):
     tailer()
     with open(logdir / "app.log", "ab", buffering=0) as file:
         file.write(TRACE)
-        written = time.monotonic()
-        wait_for(lambda: len(raws(db)) == 1, 10, "the held entry after a quiet second",
+        wait_for(lambda: len(raws(db)) == 1, 10, "the held entry after a quiet moment",
                  lambda: raws(db))
-        assert time.monotonic() - written >= 0.5     # held while its writer might go on
         file.write(JAVA + b"2026-11-24 13:59:22,000 INFO app.web: after\n")
         wait_for(lambda: len(raws(db)) == 2, 10, "the Java trace when the next entry begins",
                  lambda: raws(db))
@@ -1545,6 +1755,52 @@ def test_copy_nobody_closed_is_decided_after_copy_quiet_s(in_process, logdir, db
     size = (logdir / "app.log.1").stat().st_size
     assert query(db, "SELECT offset FROM files WHERE path LIKE '%.1'") == [(size,)]
     assert numbers_of(raws(db)) == list(range(2000))
+
+
+@pytest.mark.parametrize("name,line", [
+    ("syslog", b"Dec  2 11:32:56 web-01 app[42]: a lone line\n"),
+    ("app.log", b"2026-12-02 11:32:56,655 INFO app.web: a lone line\n"),
+    ("app.json", b'{"time": "2026-12-02T11:32:56Z", "level": "info", "msg": "a lone line"}\n'),
+    ("plain.txt", b"a lone line\n"),
+])
+def test_lone_line_of_a_writer_that_keeps_its_file_open_shows_soon(tailer, logdir, db, name,
+                                                                  line):
+    tailer()
+    with open(logdir / name, "ab", buffering=0) as file:
+        file.write(line)
+        written = time.monotonic()
+        wait_for(lambda: raws(db) == [line[:-1]], 10, "the lone line", lambda: raws(db))
+        # HOLD_S (an entry might go on) plus what the round takes: well under a second
+        assert time.monotonic() - written < 0.7
+
+
+def test_entry_whose_lines_come_100_ms_apart_stays_one_entry(tailer, logdir, db):
+    tailer()
+    with open(logdir / "app.log", "ab", buffering=0) as file:
+        for line in TRACE.splitlines(keepends=True):
+            file.write(line)
+            time.sleep(0.1)     # the writer's pace, the point of this test
+        file.write(b"2026-11-24 13:59:21,000 INFO app.web: next\n")
+        wait_for(lambda: len(raws(db)) >= 1, 10, "the trace", lambda: raws(db))
+        assert raws(db)[0] == TRACE[:-1]
+
+
+def test_sigterm_during_a_big_catch_up_exits_within_2_s(binding, logdir, db, tmp_path):
+    (logdir / "syslog").write_bytes(syslog_backlog(400000))
+    daemon = Daemon(binding, logdir, db, tmp_path / "stderr", ())
+    try:
+        wait_for(lambda: query(db, "SELECT count(*) FROM entries")[:1] not in ([], [(0,)]), 30,
+                 "the catch-up under way")
+        asked = time.monotonic()
+        assert daemon.terminate(timeout=10) == 0
+        assert time.monotonic() - asked < 2
+    finally:
+        daemon.stop()
+    [(offset,)] = query(db, "SELECT offset FROM files")
+    stored = (logdir / "syslog").read_bytes()[:offset]
+    assert 0 < offset < (logdir / "syslog").stat().st_size      # cut short, and consistent:
+    assert len(raws(db)) == len(re.findall(rb"(?m)^Nov ", stored))    # each entry before it
+    assert b"\n".join(raws(db)) + b"\n" == stored
 
 
 def test_closing_writer_completes_the_held_entry(tailer, logdir, db):
@@ -1870,7 +2126,8 @@ def test_stats_shows_files_levels_and_lag_and_never_writes(logdir, db):
     result = subprocess.run([sys.executable, TOOL, "--stats", "--max-lag", "100", str(db)],
                             capture_output=True, text=True)
     assert result.returncode == 3
-    assert "lags by 500 bytes" in result.stderr
+    assert (f"1 files lag by more than --max-lag 100 bytes: {logdir / 'app.log'} (500 bytes)"
+            in result.stderr)
     assert (sorted(p.name for p in db.parent.iterdir()), db.read_bytes()) == before
 
 
