@@ -284,9 +284,9 @@ Original = collections.namedtuple("Original", "id path format fingerprint checkp
 
 # A file as it is now, gathered for identify(): its inode and path (as in FileState), its size,
 # its first FINGERPRINT_BYTES bytes, {offset: tail_hash} for the offsets hash_offsets() asks
-# for, and whether its writer is done with it (it closed it after its last write, or it has
-# been quiet for COPY_QUIET_S).
-Look = collections.namedtuple("Look", "dev ino path size head hashes complete")
+# for, whether its writer is done with it (complete: it closed it after its last write, or it
+# has been quiet), and whether it has been quiet: no new bytes for COPY_QUIET_S.
+Look = collections.namedtuple("Look", "dev ino path size head hashes complete quiet")
 
 # What a file is, for identify(). A file something is stored of (classify()):
 UNCHANGED = "unchanged"     # nothing new to read
@@ -400,20 +400,24 @@ def copy_of(original: Original, look: Look) -> Verdict:
 
     A copy that reaches where the original is stored up to, with the same bytes before that
     offset, is a copy up to there. One still shorter stays UNDECIDED while it may be a copy
-    still being written, and while its original is live (its bytes are read from the original,
-    never from both). Once complete, a shorter one is a copy of its whole self when it agrees
-    at a checkpoint past the first bytes (logrotate's copy missed lines the tailer had already
-    read from the original): a file that merely starts like another one is never skipped.
+    still being written. While its original is live, it stays UNDECIDED until it has been quiet
+    for COPY_QUIET_S (its bytes are read from the original, never from both): copytruncate
+    truncates the original right after copying, so a copy of an original that is not truncated
+    by then is a file of its own (cp, or the same lines in two files), read in full. Once
+    complete, a shorter one is a copy of its whole self when it agrees at a checkpoint past the
+    first bytes (logrotate's copy missed lines the tailer had already read from the original):
+    a file that merely starts like another one is never skipped.
     """
     final, final_hash = original.checkpoints[-1]
-    if look.size >= final:
-        if look.hashes.get(final) != final_hash:
-            return Verdict(NEW, 0, None)
-        return Verdict(COPY, final, original) if not original.live else Verdict(UNDECIDED, 0, None)
     below = [checkpoint for checkpoint in original.checkpoints if checkpoint[0] <= look.size]
-    if below and look.hashes.get(below[-1][0]) != below[-1][1]:
+    if look.size >= final and look.hashes.get(final) != final_hash or \
+            look.size < final and below and look.hashes.get(below[-1][0]) != below[-1][1]:
         return Verdict(NEW, 0, None)
-    if original.live or not look.complete:
+    if original.live:
+        return Verdict(NEW, 0, None) if look.quiet else Verdict(UNDECIDED, 0, None)
+    if look.size >= final:
+        return Verdict(COPY, final, original)
+    if not look.complete:
         return Verdict(UNDECIDED, 0, None)
     if below and (below[-1][0] == look.size or below[-1][0] > FINGERPRINT_BYTES):
         return Verdict(COPY, look.size, original)
@@ -2242,8 +2246,9 @@ class Tracked:
         """What identify() needs of this file besides the tail hashes: its first bytes, and
         whether it is complete (its writer closed it, or it was quiet for COPY_QUIET_S)."""
         head = os.pread(self.fd, FINGERPRINT_BYTES, 0)
-        complete = self.closed or now - self.last_data >= COPY_QUIET_S or self.name is None
-        return Look(st.st_dev, st.st_ino, self.state.path, st.st_size, head, hashes, complete)
+        quiet = now - self.last_data >= COPY_QUIET_S or self.name is None
+        return Look(st.st_dev, st.st_ino, self.state.path, st.st_size, head, hashes,
+                    self.closed or quiet, quiet)
 
     def begin(self, state: FileState) -> None:
         """The inode's content is new: follow it as a new file, read from its start."""
@@ -2523,7 +2528,7 @@ class Tailer:
         self.resumable = {}     # (dev, ino) -> FileState: known to the database, not yet found
         self.by_path = {}       # (path, ino) -> (dev, ino) of resumable: for a changed st_dev
         self.originals = Originals()    # what a new file may be a copy of
-        self.undecided = {}     # Tracked -> when to look again (None: at its next event):
+        self.undecided = {}     # Tracked -> when to look again (or at its next event):
                                 # files that may be copies still being written
         self.pending = {}       # Tracked -> None: more to read (an ordered set)
         self.touched = {}       # Tracked -> None: state to store in the next commit
@@ -2600,9 +2605,11 @@ class Tailer:
         self.finish(self.clock())
 
     def caught_up(self) -> bool:
-        """--once is done: nothing to read, nothing to retry, the worker idle."""
+        """--once is done: nothing to read, nothing to retry, no possible copy to decide
+        (COPY_QUIET_S at most), the worker idle."""
         return not (self.pending or self.directory.dirty or self.backoff.at or self.scan_left
-                    or self.turns or (self.worker is not None and not self.worker.free()))
+                    or self.turns or self.undecided
+                    or (self.worker is not None and not self.worker.free()))
 
     def wait(self, now: float) -> None:
         """Sleep in select() until an event, a signal, the worker's rows or the next
@@ -2645,7 +2652,7 @@ class Tailer:
             due.append(self.retention.at)
         for t in self.holders:
             due.append(t.last_data + HOLD_S)
-        due.extend(again for again in self.undecided.values() if again is not None)
+        due.extend(self.undecided.values())
         if self.detached:
             due.append(now + DETACHED_POLL_S)
         return max(0.0, min(due) - now)
@@ -2730,11 +2737,9 @@ class Tailer:
                         "will be read again on the next start")
         if self.worker is not None:
             self.worker.close()
-        for t, again in self.undecided.items():
-            log.log(logging.INFO if again is not None else logging.DEBUG,
-                    "%s: not read: it may be a copy%s", shown(t.name or t.state.path),
-                    " still being written (it is decided when it is complete)"
-                    if again is not None else " of a file still followed")
+        for t in self.undecided:
+            log.info("%s: not read yet: it may be a copy still being written (decided on the "
+                     "next start)", shown(t.name or t.state.path))
         for t in self.tracked.values():
             self.close(t)
 
@@ -2959,10 +2964,12 @@ class Tailer:
         look = look._replace(hashes={offset: tail_hash(t.fd, offset)
                                      for offset in hash_offsets(None, originals, st.st_size)})
         verdict = identify(None, look, originals)
+        if verdict.kind == NEW and look.quiet and self.truncated_unseen(originals):
+            verdict = Verdict(UNDECIDED, 0, None)   # identify() again once that is read
         if verdict.kind == UNDECIDED:
             if t not in self.undecided:
                 log.debug("%s: may be a copy; read once that is settled", shown(t.name))
-            self.undecided[t] = None if look.complete else t.last_data + COPY_QUIET_S
+            self.undecided[t] = max(now, t.last_data + COPY_QUIET_S)
             return False
         self.undecided.pop(t, None)
         t.candidate = False
@@ -2974,10 +2981,22 @@ class Tailer:
         self.touched[t] = None
         return True
 
+    def truncated_unseen(self, originals: list) -> bool:
+        """Whether a live original was truncated since it was last read (a busy tailer may
+        not have seen it yet): it is read first, so that its copy is told as one."""
+        found = False
+        for original in originals:
+            source = self.originals.live.get(original.id) if original.live else None
+            if source is not None and source.fd is not None \
+                    and os.fstat(source.fd).st_size < source.pos:
+                self.pending[source] = None
+                found = True
+        return found
+
     def look_again(self, now: float) -> None:
         """Possible copies that may have become complete since: decide() them again."""
         for t, again in self.undecided.items():
-            if again is not None and now >= again:
+            if now >= again:
                 self.pending[t] = None
 
     def depart(self, state: FileState, original: Original, rows=()) -> None:
@@ -3367,7 +3386,8 @@ def show_stats(path: str, max_lag, out=sys.stdout) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
     lagging = [(name, lag) for name, _, _, lag in lags if max_lag is not None and lag > max_lag]
     if lagging:
-        log.warning("%d files lag by more than --max-lag %d bytes: %s", len(lagging), max_lag,
+        log.warning("%s by more than --max-lag %d bytes: %s",
+                    "1 file lags" if len(lagging) == 1 else f"{len(lagging)} files lag", max_lag,
                     ", ".join(f"{shown(name)} ({lag:,} bytes)" for name, lag in lagging))
         return 3
     return 0

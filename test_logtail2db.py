@@ -240,8 +240,9 @@ def stored(offset=10, fingerprint=b"abc", resume_hash=b"h@10", dev=1, ino=5,
                         "2026-12-02 11:00:00", "2026-12-02 11:00:00", None)
 
 
-def seen(size, head=b"abc", hashes=None, complete=True, dev=1, ino=5, path="/logs/app.log"):
-    return lt.Look(dev, ino, path, size, head, hashes or {}, complete)
+def seen(size, head=b"abc", hashes=None, complete=True, quiet=False, dev=1, ino=5,
+         path="/logs/app.log"):
+    return lt.Look(dev, ino, path, size, head, hashes or {}, complete, quiet)
 
 
 def original(*checkpoints, fingerprint=b"abc", live=False):
@@ -299,6 +300,10 @@ IDENTIFY_CASES = {
         (original(900, 4000, fingerprint=LONG_HEAD),), lt.NEW, 0),
     "copy of a file still followed (logrotate's copy)": (
         None, seen(50, hashes={10: b"h@10"}), (original(live=True),), lt.UNDECIDED, 0),
+    "copy of a file still followed, not truncated after a quiet COPY_QUIET_S (cp)": (
+        None, seen(50, hashes={10: b"h@10"}, quiet=True), (original(live=True),), lt.NEW, 0),
+    "the same lines as a file still followed, quiet": (
+        None, seen(10, hashes={10: b"h@10"}, quiet=True), (original(live=True),), lt.NEW, 0),
     "the agreeing original wins": (
         None, seen(50, hashes={10: b"h@10", 20: b"other"}),
         (original(20), original(10)), lt.COPY, 10),
@@ -718,6 +723,20 @@ def test_file_that_starts_like_another_is_read_in_full(tailer, logdir, db):
         other.write(numbered(0, 5, prefix=b"other"))
     wait_for(lambda: len(raws(db)) == 165, 10, "all of b.log", lambda: len(raws(db)))
     assert query(db, "SELECT count(*) FROM logs WHERE path LIKE '%b.log'") == [(35,)]
+
+
+def test_files_holding_the_same_lines_are_each_stored(tailer, logdir, db):
+    for n in range(300):            # the first ones are followed before the others are seen
+        (logdir / f"job-{n:03}.log").write_bytes(b"job started\n")
+    started = time.monotonic()
+    result = run_once(logdir, db)
+    assert result.returncode == 0, result.stderr
+    assert raws(db) == [b"job started"] * 300
+    assert time.monotonic() - started < lt.COPY_QUIET_S + 5
+    tailer()
+    (logdir / "late.log").write_bytes(b"job started\n")       # not a copy: nothing truncated
+    wait_for(lambda: len(raws(db)) == 301, lt.COPY_QUIET_S + 10, "the late file's line",
+             lambda: len(raws(db)))
 
 
 def logrotate(tmp_path, log, *directives):
@@ -2126,9 +2145,29 @@ def test_stats_shows_files_levels_and_lag_and_never_writes(logdir, db):
     result = subprocess.run([sys.executable, TOOL, "--stats", "--max-lag", "100", str(db)],
                             capture_output=True, text=True)
     assert result.returncode == 3
-    assert (f"1 files lag by more than --max-lag 100 bytes: {logdir / 'app.log'} (500 bytes)"
+    assert (f"1 file lags by more than --max-lag 100 bytes: {logdir / 'app.log'} (500 bytes)"
             in result.stderr)
     assert (sorted(p.name for p in db.parent.iterdir()), db.read_bytes()) == before
+
+
+def test_stats_into_a_pipe_closed_early_keeps_its_exit_status(logdir, db):
+    for n in range(2000):           # more than a pipe holds: the writer meets the closed end
+        (logdir / f"app-{n:04}.log").write_bytes(b"plain\n")
+    assert run_once(logdir, db).returncode == 0
+    append(logdir / "app-0007.log", b"unread\n")
+    result = subprocess.run(
+        ["bash", "-c", '"$0" "$1" --stats --max-lag 1 "$2" | head -1; '
+         'exit "${PIPESTATUS[0]}"', sys.executable, TOOL, str(db)],
+        capture_output=True, text=True)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout.startswith("file ")
+    [said] = result.stderr.splitlines()         # nothing of a broken pipe
+    assert said.endswith(f"logtail2db: warning: 1 file lags by more than --max-lag 1 bytes: "
+                         f"{logdir / 'app-0007.log'} (7 bytes)")
+    whole = subprocess.run([sys.executable, TOOL, "--stats", str(db)], capture_output=True,
+                           text=True)
+    assert "newest: no entry has a time" in whole.stdout
+    assert "by level: no level 2,000" in whole.stdout
 
 
 @pytest.mark.parametrize("args", [["--stats"], ["--max-lag", "5", "logs", "x.db"],

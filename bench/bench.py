@@ -76,11 +76,12 @@ CATCHUP_FILES = 4
 WRITE_EVERY_S = 0.002           # the latency writer's pace
 POLL_EVERY_S = 0.001            # the latency reader's pace
 SAMPLE_EVERY_S = 0.05           # how often the daemon's open fds are counted
-SETTLE_S = 5.0                  # after the writer stops: the syslog hold (~1 s) plus slack
+SETTLE_S = 5.0                  # after the writer stops: the syslog hold (0.25 s) plus slack
 LONE_FORMATS = ("syslog", "app", "json", "clf", "plain")
 QUIET_S = 1.5                   # from a lone line being visible to writing the next: longer than
                                 # any hold the tool might use (syslog and app hold a last entry
-                                # ~1 s), so every line meets a tailer with nothing held or pending
+                                # 0.25 s, 1 s in older versions), so every line meets a tailer
+                                # with nothing held or pending
 LONE_LIMIT_S = 10.0             # a lone line not visible after this is counted as lost
 READY_S = 60.0                  # for the daemon to say "watching", or rows to show up
 RUN_LIMIT_S = 900.0             # a --once run still going after this is killed and reported
@@ -707,7 +708,7 @@ def measure_latency(work: pathlib.Path, tool: pathlib.Path, kept_open: bool,
     return [Row(f"latency p50, {style}", percentile(ms, 50), "ms",
                 f"p95 {percentile(ms, 95):.1f} ms", at_most(10)),
             Row(f"latency p99, {style}", percentile(ms, 99), "ms",
-                f"max {ms[-1]:.0f} ms (a file's last syslog entry may wait ~1 s for more); "
+                f"max {ms[-1]:.0f} ms (a file's last syslog entry may wait 0.25 s for more); "
                 f"{len(seen):,} lines seen of {count:,} written{missing}", at_most(50))]
 
 
@@ -867,7 +868,7 @@ def measure_many_files(work: pathlib.Path, tool: pathlib.Path, files: int) -> li
             # reader cannot get in the way of its setting up.
             stored = count_rows(db) if is_watching(proc, err_path) else 0
             elapsed = time.monotonic() - started
-            # The last entry of each syslog file waits for ~1 s of quiet (multi-line
+            # The last entry of each syslog file waits for 0.25 s of quiet (multi-line
             # grouping): every file is read once all the others are there.
             if read_s is None and stored >= total - files:
                 read_s = elapsed
@@ -880,7 +881,7 @@ def measure_many_files(work: pathlib.Path, tool: pathlib.Path, files: int) -> li
             time.sleep(SAMPLE_EVERY_S)     # the sampling period
     rows.append(Row(f"daemon, {files:,} files", files / read_s, "files/s",
                     f"every file read after {read_s:.2f} s, all {total:,} rows after "
-                    f"{elapsed:.2f} s (the last entry of each file is held ~1 s)",
+                    f"{elapsed:.2f} s (the last entry of each file is held 0.25 s)",
                     at_least(2000)))
     rows.append(Row(f"daemon open fds, {files:,} files", most_fds, "fds",
                     f"most seen, sampled every {SAMPLE_EVERY_S * 1000:g} ms; {settled_fds:,} once "
