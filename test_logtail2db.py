@@ -1621,8 +1621,33 @@ def test_builder_detects_the_format_from_the_first_lines(stamps):
     builder, rows = build(b'{"level": "info", "msg": "hi"}\nnot json\n', format="auto",
                           stamps=stamps)
     assert builder.format == "json"
-    assert [(r[6], r[8], r[9]) for r in rows] == [
-        ("info", '{"level": "info", "msg": "hi"}', "hi"), (None, "not json", None)]
+    assert [(r[6], r[8], message_of(r)) for r in rows] == [
+        ("info", '{"level": "info", "msg": "hi"}', "hi"), (None, "not json", "not json")]
+
+
+def message_of(row):
+    """The message column of a FullRows row, computed as the schema's message column does."""
+    raw, message, msg_at = row[8:11]
+    if message is not None:
+        return message
+    if msg_at > 0:
+        return raw[msg_at - 1:]
+    return raw[-msg_at - 1:raw.index('"', -msg_at - 1)]
+
+
+@pytest.mark.parametrize("line,message,at", [
+    ('{"level": "info", "msg": "hi there"}', "hi there", -27),
+    ('{"msg":"hi","x":"hi"}', "hi", -9),        # the first one: either reads the same
+    ('time=2026-11-24T13:59:19Z level=info msg="order updated" id=7', "order updated", -43),
+    ('{"msg": ""}', "", -10),
+    ('{"msg": "say \\"hi\\""}', 'say "hi"', 0),       # a quote: not found as such
+    ('{"msg": "caf\\u00e9"}', "café", 0),               # escaped: not there as such
+    ('no quotes here', "no quotes", 0),
+])
+def test_quoted_at_finds_a_message_that_is_a_quoted_value(line, message, at):
+    assert lt.quoted_at(line, message) == at
+    if at:
+        assert message_of((None,) * 8 + (line, None, at)) == message
 
 
 class GeneralLoopOnly(lt.EntryBuilder):
@@ -2278,11 +2303,26 @@ PRAGMA user_version = 1;
 """
 
 
+def test_json_messages_are_read_from_raw_and_not_stored_twice(logdir, db):
+    messages = ["GET /index.html 200", "", "tab\there", 'say "hi"', "café", "line\nbreak",
+                "back\\slash", "x", "{not json}", "🙂 emoji"]
+    lines = [json.dumps({"time": "2026-11-24T13:59:19Z", "level": "info", "msg": message,
+                         "other": "x"}, ensure_ascii=n % 2 == 0)
+             for n, message in enumerate(messages)]
+    lines.append('{"msg": "same", "host": "same"}')         # the value twice in the line
+    messages.append("same")
+    (logdir / "app.json").write_text("\n".join(lines) + "\n")
+    assert run_once(logdir, db).returncode == 0
+    assert [row[0] for row in query(db, "SELECT message FROM logs ORDER BY id")] == messages
+    stored_twice = query(db, "SELECT count(*) FROM entries WHERE msg IS NOT NULL")[0][0]
+    assert stored_twice == 5        # the quote, and the escaped ones: \t, \u00e9, \n, \\
+
+
 def test_older_schema_is_migrated_in_one_transaction(logdir, db, tmp_path):
     by_hand(db, V1_SCHEMA + "INSERT INTO files (id, path, offset, fingerprint, first_seen, "
             "updated) VALUES (1, '/old/app.log', 4, x'', '2026-01-01', '2026-01-01');"
             "INSERT INTO entries (file_id, offset, raw) VALUES (1, 0, 'old');")
-    (logdir / "app.log").write_bytes(b"new\n")
+    (logdir / "app.log").write_bytes(b'{"msg": "new"}\n')    # its message is read from raw
     result = run_once(logdir, db)
     assert result.returncode == 0, result.stderr
     assert query(db, "PRAGMA user_version") == [(lt.SCHEMA_VERSION,)]
@@ -2300,7 +2340,8 @@ def test_failed_migration_leaves_the_database_as_it_was(logdir, db):
     result = run_once(logdir, db)
     assert result.returncode == 1
     assert result.stderr.decode().splitlines()[-1] == (
-        f"logtail2db: error: {str(db)!r}: migrating schema 1 -> 2 failed, the database is left "
+        f"logtail2db: error: {str(db)!r}: migrating schema 1 -> {lt.SCHEMA_VERSION} failed, "
+        "the database is left "
         f"as it was: table logs already exists")
     assert query(db, "PRAGMA user_version") == [(1,)]
     assert query(db, "SELECT name FROM sqlite_master ORDER BY name") == before
@@ -2973,3 +3014,15 @@ def test_syslog_fast_path_reads_lines_as_the_general_code_does(stamps):
             matched += 1
             assert parse_syslog(line, stamps) == lt._parse_syslog(line, stamps), line
     assert 200 < matched < 4500     # both kinds of line are seen
+
+
+def test_json_plan_reads_objects_as_the_key_by_key_search_does(stamps):
+    rng = random.Random(7)
+    values = ["2026-11-24T13:59:19Z", 1795528759, "info", "WARN", 30, 99, "text", "", None,
+              1234, "1234", -1, ["a"], {"k": 1}, True, 1.5]
+    keys = ["time", "timestamp", "ts", "@timestamp", "level", "severity", "lvl", "msg",
+            "message", "event", "host", "hostname", "program", "app", "service", "pid", "other"]
+    for _ in range(3000):
+        obj = {key: rng.choice(values) for key in rng.sample(keys, rng.randrange(1, 8))}
+        line = json.dumps(obj)
+        assert parse_json(line, stamps) == lt._parse_json(json.loads(line), line, stamps), line
