@@ -712,6 +712,13 @@ def zone_minutes(zone: str) -> int:
     return -minutes if zone[0] == "-" else minutes
 
 
+def with_fraction(ts: str, fraction: str) -> str | None:
+    """ts with a fraction of a second (1 to 9 digits, cut to microseconds), or None."""
+    if 0 < len(fraction) < 10 and fraction.isascii() and fraction.isdigit():
+        return f"{ts}.{fraction.ljust(6, '0')[:6]}"
+    return None
+
+
 def remember(cache: dict, key, value):
     """Store value (unless None) under key, starting over when the cache is full; return it."""
     if value is not None:
@@ -737,15 +744,28 @@ class Stamps:
         self.iso_minutes = {}  # "2026-11-24T13:59" + zone as written
         self.clf_minutes = {}  # "24/Nov/2026:13:59 +0100"
         self.epoch_minutes = {}  # minutes since 1970
+        self.clock_minutes = {}  # "13:59", "13:59-" for the day before, on the reference day
         self.reference = None  # (year, month) of the file being parsed, local time
+        self.reference_days = None  # its (year, month, day) and the day before's
+        self.reference_clock = None  # its time of day, "HH:MM:SS"
         self.set_reference(time.time())
 
     def set_reference(self, mtime_s: float) -> None:
-        """Date year-less BSD timestamps by this file modification time."""
+        """Date year-less BSD timestamps and date-less times of day by this file
+        modification time."""
         local = time.localtime(mtime_s)
         if (local.tm_year, local.tm_mon) != self.reference:
             self.reference = (local.tm_year, local.tm_mon)
             self.bsd_minutes = {}
+        day = (local.tm_year, local.tm_mon, local.tm_mday)
+        if self.reference_days is None or day != self.reference_days[0]:
+            try:
+                before = datetime(*day) - timedelta(days=1)
+            except OverflowError:  # a file dated 1 January of year 1
+                before = datetime(*day)
+            self.reference_days = (day, (before.year, before.month, before.day))
+            self.clock_minutes = {}
+        self.reference_clock = f"{local.tm_hour:02d}:{local.tm_min:02d}:{local.tm_sec:02d}"
 
     def bsd(self, text: str) -> str | None:
         """'Nov 24 13:59:19' or 'Nov  4 03:05:09' (local time, year from the reference)."""
@@ -816,6 +836,31 @@ class Stamps:
                 return None
         return head + text[17:20]
 
+    def clock(self, text: str) -> str | None:
+        """'13:59:19.123', a time of day alone (logback's default layout): local time on the
+        reference day, or on the day before when it is later in the day than the reference,
+        since a line is written before its file's modification time (RFC 3164's rule for
+        the year, applied to the day)."""
+        second, rest = text[6:8], text[8:]
+        if (len(text) < 8 or text[2] != ":" or text[5] != ":" or len(second) != 2
+                or not "0" <= second[0] <= "5" or second[1] not in DIGITS):
+            return None
+        day_before = text[:8] > self.reference_clock
+        key = text[:5] + "-" if day_before else text[:5]
+        head = self.clock_minutes.get(key)
+        if head is None:
+            hour, minute = text[:2], text[3:5]
+            if not (hour + minute).isascii() or not (hour + minute).isdigit():
+                return None
+            day = self.reference_days[1 if day_before else 0]
+            head = remember(self.clock_minutes, key,
+                            utc_minute(*day, int(hour), int(minute)))
+            if head is None:
+                return None
+        if not rest:
+            return f"{head}:{second}"
+        return with_fraction(f"{head}:{second}", rest[1:]) if rest[0] in ".," else None
+
     def epoch(self, number) -> str | None:
         """Epoch seconds, or milli-, micro- or nanoseconds told apart by size."""
         if type(number) not in (int, float):  # bool is an int, but JSON true is not a time
@@ -826,15 +871,22 @@ class Stamps:
                 micros = number * 1_000_000 // 10**digits
             else:
                 micros = round(number * 10.0 ** (6 - digits))
-            minute, micros = divmod(micros, 60_000_000)
-            head = self.epoch_minutes.get(minute)
-            if head is None:
-                utc = EPOCH + timedelta(minutes=minute)
-                head = remember(self.epoch_minutes, minute, minute_text(utc))
-        except (ValueError, OverflowError):  # NaN, infinity, or past year 9999
+        except (ValueError, OverflowError):  # NaN or infinity
             return None
+        return self.micros(micros, bool(digits) or type(number) is float)
+
+    def micros(self, micros: int, fraction: bool = True) -> str | None:
+        """Microseconds since the epoch (journald's __REALTIME_TIMESTAMP)."""
+        minute, micros = divmod(micros, 60_000_000)
+        head = self.epoch_minutes.get(minute)
+        if head is None:
+            try:
+                utc = EPOCH + timedelta(minutes=minute)
+            except OverflowError:  # past year 9999
+                return None
+            head = remember(self.epoch_minutes, minute, minute_text(utc))
         second, micro = divmod(micros, 1_000_000)
-        if digits or type(number) is float:
+        if fraction:
             return f"{head}:{second:02d}.{micro:06d}"
         return f"{head}:{second:02d}"
 

@@ -2473,6 +2473,63 @@ def test_minute_caches_stay_bounded(stamps):
     assert stamps.epoch(EPOCH_S) == TS
 
 
+DEC_2_2026 = calendar.timegm((2026, 12, 2, 11, 40, 0))  # a logback file last written then
+
+
+@pytest.mark.parametrize("zone,mtime_s,text,expected", [
+    ("UTC", DEC_2_2026, "11:32:56.655", "2026-12-02 11:32:56.655000"),
+    ("UTC", DEC_2_2026, "11:32:56,655", "2026-12-02 11:32:56.655000"),
+    ("UTC", DEC_2_2026, "11:32:56", "2026-12-02 11:32:56"),
+    ("UTC", DEC_2_2026, "11:32:56.655353123", "2026-12-02 11:32:56.655353"),
+    ("UTC", DEC_2_2026, "11:40:00.999", "2026-12-02 11:40:00.999000"),  # the mtime's second
+    ("UTC", DEC_2_2026, "11:40:01.000", "2026-12-01 11:40:01.000000"),  # later: the day before
+    ("UTC", DEC_2_2026, "23:59:59.999", "2026-12-01 23:59:59.999000"),
+    ("UTC", DEC_2_2026, "00:00:00.000", "2026-12-02 00:00:00.000000"),
+    ("UTC", calendar.timegm((2027, 1, 1, 0, 5, 0)), "23:59:00", "2026-12-31 23:59:00"),
+    ("UTC", calendar.timegm((2026, 3, 1, 0, 5, 0)), "23:59:00", "2026-02-28 23:59:00"),
+    # 00:30 in Berlin is 23:30 UTC the day before: the reference is local time.
+    ("Europe/Berlin", calendar.timegm((2026, 12, 1, 23, 30, 0)), "00:10:00.000",
+     "2026-12-01 23:10:00.000000"),
+    ("Europe/Berlin", calendar.timegm((2026, 12, 1, 23, 30, 0)), "23:50:00.000",
+     "2026-12-01 22:50:00.000000"),
+    ("Europe/Berlin", calendar.timegm((2026, 7, 14, 12, 0, 0)), "13:59:19", "2026-07-14 11:59:19"),
+])
+def test_clock_is_local_time_on_the_reference_day(set_zone, zone, mtime_s, text, expected):
+    set_zone(zone)
+    assert stamps_for(mtime_s).clock(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "", "11:32", "11:32:5", "11:32:56.", "11:32:56,", "11:32:56.1234567890", "11:32:56x",
+    "11:32:56 ", "24:00:00", "11:60:00", "11:32:60", "1:32:56.1", "11-32-56", "11:3x:56",
+    "\u0661\u0661:32:56", "11:32:5\u00b2",
+])
+def test_clock_rejects(stamps, text):
+    stamps.clock("11:32:00")     # a cached minute checks the rest just as well
+    assert stamps.clock(text) is None
+
+
+def test_clock_follows_the_reference_day(set_zone):
+    set_zone("UTC")
+    stamps = stamps_for(DEC_2_2026)
+    assert stamps.clock("11:32:56") == "2026-12-02 11:32:56"
+    stamps.set_reference(DEC_2_2026 + 86400)
+    assert stamps.clock("11:32:56") == "2026-12-03 11:32:56"
+    stamps.set_reference(DEC_2_2026 - 3600)     # 10:40: 11:32 was the day before
+    assert stamps.clock("11:32:56") == "2026-12-01 11:32:56"
+
+
+@pytest.mark.parametrize("micros,expected", [
+    (EPOCH_S * 1_000_000 + 123456, TS + ".123456"),
+    (EPOCH_S * 1_000_000, TS + ".000000"),
+    (0, "1970-01-01 00:00:00.000000"),
+    (123, "1970-01-01 00:00:00.000123"),      # epoch() would read this small number as seconds
+    (10**20, None),
+])
+def test_micros(stamps, micros, expected):
+    assert stamps.micros(micros) == expected
+
+
 # parse_syslog ####################################################################
 
 @pytest.mark.parametrize("line,expected", [
