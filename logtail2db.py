@@ -605,6 +605,13 @@ LEVELS = {  # upper-cased level word or syslog severity digit -> level
     "EMERG": "emergency", "EMERGENCY": "emergency", "PANIC": "emergency",
     **{str(severity): name for severity, name in enumerate(SEVERITIES)},
 }
+# A message that states its level: "error: ...", "prog: warning: ..." (GNU error(), postfix,
+# sshd, our own stderr); the word as written in lower, title or upper case.
+STATED_LEVELS = {form: level for word, level in LEVELS.items() if word.isalpha()
+                 for form in (word, word.lower(), word.title())}
+# The first word (a letter first: most messages fail there, cheaply), and the second.
+STATED_PATTERN = r"([A-Za-z][^ :]{0,61}): (?:([^ :]{1,12}): )?"
+STATED_RE = re.compile(STATED_PATTERN)
 NUMBER_LEVELS = {  # JSON numbers: syslog severities 0..7, pino/bunyan levels 10..60
     **dict(enumerate(SEVERITIES)),
     10: "trace", 20: "debug", 30: "info", 40: "warning", 50: "error", 60: "critical",
@@ -899,6 +906,13 @@ def read_time(text: str, stamps: Stamps) -> str | None:
     return ts
 
 
+def stated_level(message: str) -> str | None:
+    """The level a message states at its start ('error: disk full', 'logtail2db: warning:
+    ...'), or None; the words stay in the message."""
+    match = STATED_RE.match(message)
+    return None if match is None else STATED_LEVELS.get(match[1]) or STATED_LEVELS.get(match[2])
+
+
 def read_pri(line: str) -> tuple[str, str, int] | None:
     """(level, facility, index after '>') for a line starting with '<PRI>', or None."""
     end = line.find(">", 2, 5) + 1
@@ -967,7 +981,12 @@ def _parse_syslog(line: str, stamps: Stamps) -> Parsed | None:
         fields = {"facility": facility}
     if line[start + 3:start + 4] == " " and line[start:start + 3] in MONTHS:
         host_at = start + 16
-        ts = stamps.bsd(line[start:host_at - 1]) if line[host_at - 1:host_at] == " " else None
+        ts = stamps.bsd(line[start:host_at - 1])
+        if line[host_at - 1:host_at] == "." and ts is not None:    # journalctl -o short-precise
+            host_at = line.find(" ", host_at) + 1
+            ts = with_fraction(ts, line[start + 16:host_at - 1]) if host_at else None
+        elif line[host_at - 1:host_at] != " ":
+            ts = None
     elif line[start:start + 1] in DIGITS:
         host_at = line.find(" ", start) + 1
         ts = stamps.iso(line[start:host_at - 1]) if host_at else None
@@ -980,35 +999,39 @@ def _parse_syslog(line: str, stamps: Stamps) -> Parsed | None:
         return None
     tag, _, message = rest.partition(" ")
     if len(tag) < 2 or tag[-1] != ":":
-        return ts, host, None, None, level, fields, rest
+        return ts, host, None, None, level or stated_level(rest), fields, rest
     program, pid = tag[:-1], None
     if program[-1] == "]":
         name, _, number = program[:-1].rpartition("[")
         if name and number.isdecimal() and len(number) < 10:  # to_pid, inlined on the hot path
             program, pid = name, int(number)
-    return ts, host, program, pid, level, fields, message
+    return ts, host, program, pid, level or stated_level(message), fields, message
 
 
 # The usual shape of a syslog file's line, on the hot path of a catch-up; parse_syslog()
 # reads it exactly as its general code above would (a test holds the two to it).
+# Its lookahead reads the words stated_level() reads: in the regex that costs less than any
+# test in Python.
 SYSLOG_RE = re.compile(rf"(?:{MONTH_NAMES}) [ 0-9][0-9] [0-9]{{2}}:[0-9]{{2}}:[0-5][0-9] "
-                       r"([^ ]+) ([^ \[\]:]+)(?:\[([0-9]{1,9})\])?: ")
+                       rf"([^ ]+) ([^ \[\]:]+)(?:\[([0-9]{{1,9}})\])?: (?={STATED_PATTERN})?")
 
 
 def parse_syslog(line: str, stamps: Stamps) -> Parsed | None:
     """RFC 3164 as rsyslog and syslog-ng write files: 'Nov 24 13:59:19 host prog[pid]: msg'.
 
-    Also an RFC 3339 time in place of the BSD one, an optional '<PRI>' (giving level and
-    facility), and whole RFC 5424 lines. No 'tag:' after the host: program None and the message
-    is the rest ("last message repeated 3 times").
+    Also fractions of a second (journalctl -o short-precise), an RFC 3339 time in place of
+    the BSD one (-o short-iso), an optional '<PRI>' (giving level and facility), and whole
+    RFC 5424 lines. No 'tag:' after the host: program None and the message is the rest ("last
+    message repeated 3 times"). Without a PRI, a message stating its level gives it.
     """
     match = SYSLOG_RE.match(line)
     if match is not None:
         head = stamps.bsd_minutes.get(line[:12])
         ts = head + line[12:15] if head is not None else stamps.bsd(line[:15])
         if ts is not None:
-            host, program, pid = match.groups()
-            return ts, host, program, pid and int(pid), None, None, line[match.end():]
+            host, program, pid, first, second = match.groups()
+            level = first and (STATED_LEVELS.get(first) or STATED_LEVELS.get(second))
+            return ts, host, program, pid and int(pid), level, None, line[match.end():]
     return _parse_syslog(line, stamps)
 
 
@@ -1144,7 +1167,8 @@ def parse_app(line: str, stamps: Stamps) -> Parsed | None:
     """'timestamp LEVEL rest' as application loggers write it; see APP_RE and APP_TAIL_RES.
 
     The logger name or target goes to program, Spring Boot's pid to pid, a thread or zap's
-    caller to fields. A line must begin with a timestamp, so stack-trace lines give None.
+    caller to fields; without a level word, one the message states ('prog: warning: ...').
+    A line must begin with a timestamp, so stack-trace lines give None.
     """
     if line.startswith("time="):
         return parse_logfmt(line, stamps)
@@ -1152,7 +1176,10 @@ def parse_app(line: str, stamps: Stamps) -> Parsed | None:
     if head is None:  # no level word: Go's log package, or just a timestamped line
         head = APP_TIME_RE.match(line)
         ts = stamps.iso(head[1]) if head else None
-        return (ts, None, None, None, None, None, line[head.end():]) if ts else None
+        if ts is None:
+            return None
+        message = line[head.end():]
+        return ts, None, None, None, stated_level(message), None, message
     ts = stamps.iso(head["ts"])
     if ts is None:
         return None

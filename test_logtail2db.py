@@ -28,7 +28,7 @@ import logtail2db as lt
 from logtail2db import (
     CACHE_MINUTES, MULTILINE_FORMATS, PARSERS, Parsed, Stamps, detect_format,
     make_pattern_parser, normalize_level, parse_app, parse_clf, parse_json, parse_rfc5424,
-    parse_syslog,
+    parse_syslog, stated_level,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -1902,6 +1902,51 @@ def test_bad_pattern_is_a_usage_error(logdir, db):
     assert b"not a valid regular expression" in result.stderr
 
 
+def once_in_utc(logdir, db, *args):
+    """run_once with TZ=UTC, for files whose times have no zone."""
+    result = subprocess.run([sys.executable, TOOL, "--once", *args, str(logdir), str(db)],
+                            capture_output=True, env={**os.environ, "TZ": "UTC"}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_journalctl_short_precise_and_iso_keep_fractions(logdir, db):
+    (logdir / "precise.log").write_bytes(
+        b"Dec 02 11:32:56.655353 web-01 sshd[123]: Accepted publickey\n"
+        b"Dec 02 11:32:57.000001 web-01 postfix/smtpd[9]: warning: hostname x unknown\n")
+    (logdir / "iso.log").write_bytes(
+        b"2026-12-02T12:32:58.655353+01:00 web-01 sshd[123]: precise\n"
+        b"2026-12-02T12:32:59+0100 web-01 sshd[123]: error: short-iso\n")
+    for name in ("precise.log", "iso.log"):
+        os.utime(logdir / name, (DEC_2_2026, DEC_2_2026))
+    once_in_utc(logdir, db)
+    assert sorted(query(db, "SELECT ts, host, program, pid, level, message FROM entries")) == [
+        ("2026-12-02 11:32:56.655353", "web-01", "sshd", 123, None, "Accepted publickey"),
+        ("2026-12-02 11:32:57.000001", "web-01", "postfix/smtpd", 9, "warning",
+         "warning: hostname x unknown"),
+        ("2026-12-02 11:32:58.655353", "web-01", "sshd", 123, None, "precise"),
+        ("2026-12-02 11:32:59", "web-01", "sshd", 123, "error", "error: short-iso")]
+    assert query(db, "SELECT DISTINCT format FROM files") == [("syslog",)]
+
+
+def test_messages_that_state_their_level_fill_it(logdir, db):
+    (logdir / "logtail2db.err").write_bytes(
+        b"2026-11-24 13:59:19 logtail2db: info: watching /var/log/app\n"
+        b"2026-11-24 13:59:20 logtail2db: warning: skipping x: Permission denied\n"
+        b"2026-11-24 13:59:21 logtail2db: error: database is locked; retrying\n")
+    (logdir / "syslog").write_bytes(
+        b"Nov 24 13:59:19 mx postfix/smtpd[99]: warning: hostname x does not resolve\n"
+        b"Nov 24 13:59:19 web-01 sshd[7]: error: kex_exchange_identification: closed\n"
+        b"Nov 24 13:59:19 web-01 python3[8]: logtail2db: warning: skipping y\n"
+        b"Nov 24 13:59:19 web-01 kernel: eth0: link up\n")
+    os.utime(logdir / "syslog", (NOV_2026, NOV_2026))
+    once_in_utc(logdir, db)
+    assert query(db, "SELECT f.format, e.level FROM entries e JOIN files f ON f.id = e.file_id "
+                     "ORDER BY f.path, e.id") == [
+        ("app", "info"), ("app", "warning"), ("app", "error"),
+        ("syslog", "warning"), ("syslog", "error"), ("syslog", "warning"), ("syslog", None)]
+
+
 
 
 # A catch-up on two cores: the parse worker ##################################
@@ -2530,6 +2575,26 @@ def test_micros(stamps, micros, expected):
     assert stamps.micros(micros) == expected
 
 
+# stated_level ####################################################################
+
+@pytest.mark.parametrize("message,expected", [
+    ("error: disk full", "error"), ("Error: disk full", "error"), ("ERROR: disk full", "error"),
+    ("warning: hostname x does not resolve", "warning"), ("warn: x", "warning"),
+    ("fatal: no such table", "critical"), ("panic: x", "emergency"), ("info: x", "info"),
+    ("Notice: x", "notice"), ("debug: x", "debug"), ("error: ", "error"),
+    ("logtail2db: warning: skipping x: Permission denied", "warning"),
+    ("rsync: error: some files could not be transferred", "error"),
+    ("postfix/smtpd: fatal: x", "critical"),
+    ("disk: 91% full", None), ("errors: 3", None), ("eRRor: x", None), ("error:x", None),
+    ("error", None), ("error opening config", None), ("3: x", None), (": error: x", None),
+    ("a b: error: x", None), ("prog: errors: x", None), ("prog: x: error: y", None),
+    ("pam_unix(sshd:session): session opened for user alice", None),
+    ("x" * 63 + ": error: y", None), ("/usr/sbin/cron: error: x", None), ("", None),
+])
+def test_stated_level(message, expected):
+    assert stated_level(message) == expected
+
+
 # parse_syslog ####################################################################
 
 @pytest.mark.parametrize("line,expected", [
@@ -2554,8 +2619,31 @@ def test_micros(stamps, micros, expected):
            message="pam_unix(systemd-user:session): session closed")),
     ("Nov 24 13:59:19 web-01 sudo:    alice : TTY=pts/0 ; COMMAND=/bin/ls",
      entry(host="web-01", program="sudo", message="   alice : TTY=pts/0 ; COMMAND=/bin/ls")),
-    ("Nov 24 13:59:19 web-01 app[5]: error: disk full",
-     entry(host="web-01", program="app", pid=5, message="error: disk full")),
+    ("Nov 24 13:59:19 web-01 app[5]: error: disk full",  # the level the message states
+     entry(host="web-01", program="app", pid=5, level="error", message="error: disk full")),
+    ("Nov 24 13:59:19 mx postfix/smtpd[99]: warning: hostname x does not resolve",
+     entry(host="mx", program="postfix/smtpd", pid=99, level="warning",
+           message="warning: hostname x does not resolve")),
+    ("Nov 24 13:59:19 web-01 python3[7]: logtail2db: warning: skipping x",  # ours, via journald
+     entry(host="web-01", program="python3", pid=7, level="warning",
+           message="logtail2db: warning: skipping x")),
+    ("Nov 24 13:59:19 web-01 app: errors: 3", entry(host="web-01", program="app",
+                                                    message="errors: 3")),
+    ("<14>Nov 24 13:59:19 web-01 app: error: x",  # the PRI's level comes first
+     entry(host="web-01", program="app", level="info", fields={"facility": "user"},
+           message="error: x")),
+    # journalctl -o short-precise, -o short-iso, -o short-iso-precise
+    ("Nov 24 13:59:19.655353 web-01 sshd[123]: msg",
+     entry(ts=TS + ".655353", host="web-01", program="sshd", pid=123, message="msg")),
+    ("Nov 24 13:59:19.5 web-01 sshd[123]: fatal: x",
+     entry(ts=TS + ".500000", host="web-01", program="sshd", pid=123, level="critical",
+           message="fatal: x")),
+    ("Nov 24 13:59:19.123456789 web-01 sshd[123]: msg",
+     entry(ts=TS + ".123456", host="web-01", program="sshd", pid=123, message="msg")),
+    ("2026-11-24T14:59:19+0100 web-01 sshd[123]: msg",
+     entry(host="web-01", program="sshd", pid=123, message="msg")),
+    ("2026-11-24T14:59:19.655353+01:00 web-01 sshd[123]: msg",
+     entry(ts=TS + ".655353", host="web-01", program="sshd", pid=123, message="msg")),
     ("Nov 24 13:59:19 web-01 foo[abc]: odd pid",
      entry(host="web-01", program="foo[abc]", message="odd pid")),
     ("Nov 24 13:59:19 web-01 prog:", entry(host="web-01", program="prog")),
@@ -2600,6 +2688,9 @@ def test_parse_syslog(stamps, line, expected):
     "<034>Nov 24 13:59:19 web-01 p: m", "<34>garbage", "<165>1 garbage",
     "2026-11-24 13:59:19 web-01 p: m", "12345 something", "Mon Nov 24 13:59:19 2026 foo",
     "2026-11-24T13:59:19Z", "\ufffd\ufffd\ufffd",
+    "Nov 24 13:59:19. web-01 p: m", "Nov 24 13:59:19.1234567890 web-01 p: m",
+    "Nov 24 13:59:19.12a web-01 p: m", "Nov 24 13:59:19.5", "Nov 24 13:59:19.5 ",
+    "Nov 24 13:59:19,5 web-01 p: m", "Nov 24 13:59:60.5 web-01 p: m",
 ])
 def test_parse_syslog_rejects(stamps, line):
     assert parse_syslog(line, stamps) is None
@@ -2852,6 +2943,11 @@ def test_parse_clf_rejects(stamps, line):
      entry(ts=TS + ".123456", program="myapp", level="info", message="started")),
     ("2026-11-24T13:59:19.123456Z ERROR myapp::net: peer reset: retrying",
      entry(ts=TS + ".123456", program="myapp::net", level="error", message="peer reset: retrying")),
+    # no level word, but a message that states one: our own stderr, Go's log package
+    ("2026-11-24 13:59:19 logtail2db: warning: skipping x: Permission denied",
+     entry(level="warning", message="logtail2db: warning: skipping x: Permission denied")),
+    ("2026/11/24 13:59:19 error: config missing", entry(level="error",
+                                                        message="error: config missing")),
     # odds and ends
     ("[2026-11-24 13:59:19] WARN something odd", entry(level="warning", message="something odd")),
     ("2026-11-24 13:59:19 INFO", entry(level="info")),
@@ -2941,6 +3037,9 @@ JAVA_TRACE_LOG = [
     ([NGINX + '"GET / HTTP/1.1" 200 512 "-" "curl/8.5.0"'] * 5, "clf"),
     (PYTHON_TRACEBACK_LOG, "app"),
     (JAVA_TRACE_LOG, "app"),
+    (["Nov 24 13:59:19.655353 web-01 sshd[123]: msg"] * 5, "syslog"),
+    (["2026-11-24T14:59:19+0100 web-01 sshd[123]: msg"] * 5, "syslog"),
+    (["2026-11-24 13:59:19 logtail2db: warning: skipping x"] * 5, "app"),
     (["2026-11-24T13:59:19Z INFO app: started"] * 5, "app"),  # would parse as syslog, host INFO
     (["2026/11/24 13:59:19 listening on :8080"] * 5, "app"),
     (["\tat com.example.Old.run(Old.java:1)"] + SYSLOG_LINES, "syslog"),  # rotated mid-entry
@@ -2975,6 +3074,7 @@ SAMPLES = [
     "2026-11-24T13:59:19.123+01:00  INFO 4242 --- [main] o.s.b.StartupInfoLogger : Starting",
     'time=2026-11-24T13:59:19.123+01:00 level=INFO msg="hello world" user=42',
     "[2026-11-24T13:59:19Z INFO  myapp::db] connected",
+    "Nov 24 13:59:19.655353 web-01 postfix/smtpd[99]: prog: warning: x",
 ]
 
 
@@ -3021,7 +3121,9 @@ def test_syslog_fast_path_reads_lines_as_the_general_code_does(stamps):
     hosts = ["web-01", "h\tost", "[::1]", "", "a b"]
     tags = ["nginx", "postfix/smtpd", "a:b", "p[12]", "p[]", "p[1234567890]", "p[\u0663]",
             "CRON[12]", "x", "", "[77]", "sd[1]x"]
-    ends = [": ", ":", ": hello: there", ":  two  spaces", " no colon", "[3]: m"]
+    ends = [": ", ":", ": hello: there", ":  two  spaces", " no colon", "[3]: m", ": error: x",
+            ": Warning: y", ": prog: fatal: z", ": prog: hello: z", ": error:", ": a b: error: x",
+            ": pam(x:y): error: z"]
     lines = [f"{rng.choice(times)} {rng.choice(hosts)} {rng.choice(tags)}{rng.choice(ends)}"
              for _ in range(5000)]
     matched = 0
