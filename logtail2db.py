@@ -114,7 +114,7 @@ RECEIVE_BYTES = 256 << 10       # bytes taken from the worker's socket at a time
 DEFAULT_EXCLUDES = ("*.gz", "*.bz2", "*.xz", "*.zst", "*.zip", "*.lz4", "*.Z")
 DB_SUFFIXES = (b"", b"-wal", b"-shm", b"-journal")
 SQLITE_MAGIC = b"SQLite format 3\x00"
-FORMATS = ("auto", "syslog", "json", "clf", "app", "plain")
+FORMATS = ("auto", "syslog", "json", "logfmt", "clf", "app", "plain")
 SCHEMA_VERSION = 2
 MIN_SQLITE = (3, 31)            # generated columns (entries.message)
 WAL_LIMIT_BYTES = 16 << 20      # the -wal file is truncated to this once readers let it be
@@ -673,6 +673,10 @@ APP_TAIL_RES = tuple(re.compile(pattern) for pattern in (
     r"[ \t]+-(?:[ \t]|$)|[ \t]*",  # Python cookbook "LEVEL - msg", or the message right away
 ))
 LOGFMT_RE = re.compile(rf'([^\s="]+)=("{ESCAPED}"|\S*)')  # slog TextHandler, logrus
+LOGFMT_START_RE = re.compile(r'[^\s="]+=')   # a logfmt line begins with its first key
+LOGFMT_TIME_KEYS = ("time", "ts", "t")  # slog and logrus; go-kit, Prometheus, Loki; Grafana
+LOGFMT_LEVEL_KEYS = ("level", "lvl")
+LOGFMT_MESSAGE_KEYS = ("msg", "message")
 
 SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")  # "\ud800": JSON can spell lone surrogates
 TIME_KEYS = ("time", "timestamp", "ts", "@timestamp")
@@ -1153,14 +1157,18 @@ def unquote(value: str) -> str:
 
 
 def parse_logfmt(line: str, stamps: Stamps) -> Parsed | None:
-    """'time=... level=INFO msg="..." key=value' (Go slog TextHandler, logrus)."""
-    pairs = {key: unquote(value) for key, value in LOGFMT_RE.findall(line)}
-    ts = pop_first(pairs, ("time",), stamps.iso)
-    if ts is None:
+    """'time=... level=info msg="..." key=value' (Go slog TextHandler, logrus, go-kit as
+    Prometheus and Loki write it, Grafana): a line of key=value pairs with a time, a level
+    or a message among them; the other pairs go to fields."""
+    if LOGFMT_START_RE.match(line) is None:
         return None
-    level = pop_first(pairs, ("level",), normalize_level)
-    message = pairs.pop("msg", line)
-    return ts, None, None, None, level, pairs or None, message
+    pairs = {key: unquote(value) for key, value in LOGFMT_RE.findall(line)}
+    ts = pop_first(pairs, LOGFMT_TIME_KEYS, stamps.iso)
+    level = pop_first(pairs, LOGFMT_LEVEL_KEYS, normalize_level)
+    message = pop_first(pairs, LOGFMT_MESSAGE_KEYS, text_or_none)
+    if ts is None and level is None and message is None:
+        return None
+    return ts, None, None, None, level, pairs or None, line if message is None else message
 
 
 def parse_app(line: str, stamps: Stamps) -> Parsed | None:
@@ -1168,18 +1176,18 @@ def parse_app(line: str, stamps: Stamps) -> Parsed | None:
 
     The logger name or target goes to program, Spring Boot's pid to pid, a thread or zap's
     caller to fields; without a level word, one the message states ('prog: warning: ...').
-    A line must begin with a timestamp, so stack-trace lines give None.
+    A line must begin with a timestamp, or be logfmt with one, so stack-trace lines give None.
     """
-    if line.startswith("time="):
-        return parse_logfmt(line, stamps)
     head = APP_RE.match(line)
     if head is None:  # no level word: Go's log package, or just a timestamped line
         head = APP_TIME_RE.match(line)
-        ts = stamps.iso(head[1]) if head else None
-        if ts is None:
-            return None
+        if head is None:
+            # Lines of go-kit ("level=info ts=...") among others begin entries of their own.
+            parsed = parse_logfmt(line, stamps)
+            return parsed if parsed is not None and parsed[0] is not None else None
+        ts = stamps.iso(head[1])
         message = line[head.end():]
-        return ts, None, None, None, stated_level(message), None, message
+        return (ts, None, None, None, stated_level(message), None, message) if ts else None
     ts = stamps.iso(head["ts"])
     if ts is None:
         return None
@@ -1221,9 +1229,10 @@ def make_pattern_parser(regex: str):
 
 
 PARSERS = {"syslog": parse_syslog, "rfc5424": parse_rfc5424, "json": parse_json,
-           "clf": parse_clf, "app": parse_app}
+           "clf": parse_clf, "logfmt": parse_logfmt, "app": parse_app}
 MULTILINE_FORMATS = frozenset({"syslog", "rfc5424", "app"})  # entries begin with a header line
-DETECT_ORDER = ("json", "clf", "syslog", "app")  # ties go to the earlier, stricter format
+# Ties go to the earlier, stricter format: logfmt lines with a time are app lines as well.
+DETECT_ORDER = ("json", "clf", "syslog", "logfmt", "app")
 DETECT_LINES = 20  # non-empty lines sampled: enough to outvote a stack trace or two
 
 

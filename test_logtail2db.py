@@ -27,8 +27,8 @@ import pytest
 import logtail2db as lt
 from logtail2db import (
     CACHE_MINUTES, MULTILINE_FORMATS, PARSERS, Parsed, Stamps, detect_format,
-    make_pattern_parser, normalize_level, parse_app, parse_clf, parse_json, parse_rfc5424,
-    parse_syslog, stated_level,
+    make_pattern_parser, normalize_level, parse_app, parse_clf, parse_json, parse_logfmt,
+    parse_rfc5424, parse_syslog, stated_level,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -1625,6 +1625,18 @@ def test_builder_detects_the_format_from_the_first_lines(stamps):
         ("info", '{"level": "info", "msg": "hi"}', "hi"), (None, "not json", None)]
 
 
+def test_builder_app_file_logfmt_lines_begin_entries(stamps):
+    # An app file where go-kit lines follow slog's: each is an entry, none a continuation.
+    data = (b'time=2026-11-24T13:59:19Z level=INFO msg="slog one"\n'
+            b'time=2026-11-24T13:59:20Z level=INFO msg="slog two"\n'
+            + b"".join(b'level=info ts=2026-11-24T13:59:%02dZ caller=main.go:12 msg="kit %d"\n'
+                       % (21 + n, n) for n in range(10)))
+    builder, rows = build(data, format="app", stamps=stamps)
+    rows += builder.flush()
+    assert [(r[6], r[9]) for r in rows] == [("info", "slog one"), ("info", "slog two")] + [
+        ("info", f"kit {n}") for n in range(10)]
+
+
 class GeneralLoopOnly(lt.EntryBuilder):
     """The builder with its two fast paths replaced by its general loop."""
 
@@ -1927,6 +1939,19 @@ def test_journalctl_short_precise_and_iso_keep_fractions(logdir, db):
         ("2026-12-02 11:32:58.655353", "web-01", "sshd", 123, None, "precise"),
         ("2026-12-02 11:32:59", "web-01", "sshd", 123, "error", "error: short-iso")]
     assert query(db, "SELECT DISTINCT format FROM files") == [("syslog",)]
+
+
+def test_logfmt_file_fills_columns(logdir, db):
+    (logdir / "loki.log").write_bytes(
+        b'level=info ts=2026-11-24T13:59:19.123Z caller=main.go:12 msg="Starting Loki" v=3\n'
+        b'level=warn ts=2026-11-24T13:59:20Z caller=ring.go:40 msg="ring not ready"\n'
+        b'time="2026-11-24T13:59:21Z" level=error msg="text here" key=value\n')
+    assert run_once(logdir, db).returncode == 0
+    assert query(db, "SELECT ts, level, message, fields FROM entries ORDER BY id") == [
+        (TS + ".123000", "info", "Starting Loki", '{"caller":"main.go:12","v":"3"}'),
+        ("2026-11-24 13:59:20", "warning", "ring not ready", '{"caller":"ring.go:40"}'),
+        ("2026-11-24 13:59:21", "error", "text here", '{"key":"value"}')]
+    assert query(db, "SELECT format FROM files") == [("logfmt",)]
 
 
 def test_messages_that_state_their_level_fill_it(logdir, db):
@@ -2877,6 +2902,48 @@ def test_parse_clf_rejects(stamps, line):
     assert parse_clf(line, stamps) is None
 
 
+# parse_logfmt ####################################################################
+
+@pytest.mark.parametrize("line,expected", [
+    ('time="2026-11-24T13:59:19Z" level=info msg="text here" key=value',  # logrus
+     entry(level="info", fields={"key": "value"}, message="text here")),
+    ('time=2026-11-24T14:59:19.123+01:00 level=WARN msg="disk low" free=3%',  # slog
+     entry(ts=TS + ".123000", level="warning", fields={"free": "3%"}, message="disk low")),
+    ('level=info ts=2026-11-24T13:59:19.123456Z caller=main.go:12 msg="Starting Loki" v=3.0',
+     entry(ts=TS + ".123456", level="info", fields={"caller": "main.go:12", "v": "3.0"},
+           message="Starting Loki")),  # go-kit, as Loki writes it
+    ('ts=2026-11-24T13:59:19.123Z caller=main.go:580 level=info msg="No time retention set"'
+     ' duration=15d', entry(ts=TS + ".123000", level="info",   # Prometheus
+                            fields={"caller": "main.go:580", "duration": "15d"},
+                            message="No time retention set")),
+    ('logger=settings t=2026-11-24T14:59:19.123+01:00 level=info msg="Starting Grafana"'
+     ' version=11.0.0', entry(ts=TS + ".123000", level="info",    # Grafana
+                             fields={"logger": "settings", "version": "11.0.0"},
+                             message="Starting Grafana")),
+    ('ts=2026-11-24T13:59:19Z lvl=dbg message="x y"', entry(level="debug", message="x y")),
+    ('level=error msg=failed err="unexpected EOF"',
+     entry(ts=None, level="error", fields={"err": "unexpected EOF"}, message="failed")),
+    ("msg=hello", entry(ts=None, message="hello")),
+    ("time=2026-11-24T13:59:19Z a=1", entry(fields={"a": "1"},
+                                             message="time=2026-11-24T13:59:19Z a=1")),
+    ("time=yesterday level=verbose msg=x",
+     entry(ts=None, fields={"time": "yesterday", "level": "verbose"}, message="x")),
+    ('time=2026-11-24T13:59:19Z level=INFO+2 msg="say \\"hi\\"\\n" path="/a b" empty=',
+     entry(fields={"level": "INFO+2", "path": "/a b", "empty": ""}, message='say "hi"\n')),
+])
+def test_parse_logfmt(stamps, line, expected):
+    assert parse_logfmt(line, stamps) == expected
+
+
+@pytest.mark.parametrize("line", [
+    "", "hello world", "seq=000001 lone line", "a=1 b=2", "=x", " level=info msg=x",
+    "x = 1", "Nov 24 13:59:19 web-01 app: level=info msg=x", '{"level":"info"}',
+    "\tat com.foo.Bar(Bar.java:10)", "2026-11-24 13:59:19 level=info msg=x",
+])
+def test_parse_logfmt_rejects(stamps, line):
+    assert parse_logfmt(line, stamps) is None
+
+
 # parse_app #######################################################################
 
 @pytest.mark.parametrize("line,expected", [
@@ -2943,6 +3010,10 @@ def test_parse_clf_rejects(stamps, line):
      entry(ts=TS + ".123456", program="myapp", level="info", message="started")),
     ("2026-11-24T13:59:19.123456Z ERROR myapp::net: peer reset: retrying",
      entry(ts=TS + ".123456", program="myapp::net", level="error", message="peer reset: retrying")),
+    # go-kit logfmt (Prometheus, Loki) begins entries too, its time anywhere in the line
+    ('level=info ts=2026-11-24T13:59:19.123Z caller=main.go:12 msg="Starting Loki"',
+     entry(ts=TS + ".123000", level="info", fields={"caller": "main.go:12"},
+           message="Starting Loki")),
     # no level word, but a message that states one: our own stderr, Go's log package
     ("2026-11-24 13:59:19 logtail2db: warning: skipping x: Permission denied",
      entry(level="warning", message="logtail2db: warning: skipping x: Permission denied")),
@@ -3037,6 +3108,8 @@ JAVA_TRACE_LOG = [
     ([NGINX + '"GET / HTTP/1.1" 200 512 "-" "curl/8.5.0"'] * 5, "clf"),
     (PYTHON_TRACEBACK_LOG, "app"),
     (JAVA_TRACE_LOG, "app"),
+    (['level=info ts=2026-11-24T13:59:19.123Z caller=main.go:12 msg="x"'] * 5, "logfmt"),
+    (['time="2026-11-24T13:59:19Z" level=info msg="text here" key=value'] * 5, "logfmt"),
     (["Nov 24 13:59:19.655353 web-01 sshd[123]: msg"] * 5, "syslog"),
     (["2026-11-24T14:59:19+0100 web-01 sshd[123]: msg"] * 5, "syslog"),
     (["2026-11-24 13:59:19 logtail2db: warning: skipping x"] * 5, "app"),
@@ -3056,8 +3129,10 @@ def test_detect_format(stamps, lines, expected):
 
 
 def test_parser_tables():
-    assert set(PARSERS) == {"syslog", "rfc5424", "json", "clf", "app"}
+    assert set(PARSERS) == {"syslog", "rfc5424", "json", "logfmt", "clf", "app"}
     assert MULTILINE_FORMATS == {"syslog", "rfc5424", "app"}
+    assert set(lt.DETECT_ORDER) == set(PARSERS) - {"rfc5424"}
+    assert set(lt.FORMATS) == set(lt.DETECT_ORDER) | {"auto", "plain"}
 
 
 # Never raise, always well-formed #################################################
@@ -3075,6 +3150,7 @@ SAMPLES = [
     'time=2026-11-24T13:59:19.123+01:00 level=INFO msg="hello world" user=42',
     "[2026-11-24T13:59:19Z INFO  myapp::db] connected",
     "Nov 24 13:59:19.655353 web-01 postfix/smtpd[99]: prog: warning: x",
+    'logger=settings t=2026-11-24T14:59:19.123+01:00 lvl=eror message="Starting" version=11',
 ]
 
 
