@@ -114,7 +114,7 @@ RECEIVE_BYTES = 256 << 10       # bytes taken from the worker's socket at a time
 DEFAULT_EXCLUDES = ("*.gz", "*.bz2", "*.xz", "*.zst", "*.zip", "*.lz4", "*.Z")
 DB_SUFFIXES = (b"", b"-wal", b"-shm", b"-journal")
 SQLITE_MAGIC = b"SQLite format 3\x00"
-FORMATS = ("auto", "syslog", "json", "logfmt", "clf", "app", "plain")
+FORMATS = ("auto", "syslog", "journald", "json", "logfmt", "clf", "app", "plain")
 SCHEMA_VERSION = 2
 MIN_SQLITE = (3, 31)            # generated columns (entries.message)
 WAL_LIMIT_BYTES = 16 << 20      # the -wal file is truncated to this once readers let it be
@@ -684,6 +684,12 @@ LEVEL_KEYS = ("level", "severity", "lvl", "levelname")
 MESSAGE_KEYS = ("msg", "message", "event")
 HOST_KEYS = ("host", "hostname")
 
+# journalctl -o json: every value is text; a value that is not UTF-8 is an array of its bytes,
+# a field given more than once an array of its values. The key journalctl always writes tells
+# an entry from other JSON.
+JOURNAL_TIME = "__REALTIME_TIMESTAMP"   # microseconds since the epoch, as decimal text
+JOURNAL_TIME_KEY = f'"{JOURNAL_TIME}":'
+
 
 def normalize_level(word: str) -> str | None:
     """The level a word (WARN, err, Critical, "3", ...) stands for, or None."""
@@ -1086,8 +1092,58 @@ def json_level(value) -> str | None:
     return NUMBER_LEVELS.get(value) if type(value) is int else None
 
 
+def journal_text(value) -> str | None:
+    """The text of a journal field's value: bad UTF-8 made U+FFFD, the first of several."""
+    if isinstance(value, list) and value and not all(type(item) is int for item in value):
+        value = value[0]
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(type(item) is int for item in value):
+        try:
+            return bytes(value).decode("utf-8", "replace")
+        except ValueError:  # a number that is no byte
+            return None
+    return None
+
+
+def journal_time(value, stamps: Stamps) -> str | None:
+    """UTC text for __REALTIME_TIMESTAMP, to the microsecond."""
+    if isinstance(value, str) and value.isascii() and value.isdecimal() and len(value) < 20:
+        return stamps.micros(int(value))
+    return None
+
+
+def journal_entry(obj: dict, line: str, stamps: Stamps) -> Parsed:
+    """The columns of a journal entry (a dict from journalctl -o json); the rest to fields."""
+    ts = pop_first(obj, (JOURNAL_TIME,), journal_time, stamps)
+    level = pop_first(obj, ("PRIORITY",), json_level)
+    message = pop_first(obj, ("MESSAGE",), journal_text)
+    if message is not None and obj.get("_TRANSPORT") == "stdout":
+        # A service's stdout and stderr get the unit's one priority (info unless set):
+        # the level its line states is the program's own.
+        level = stated_level(message) or level
+    host = pop_first(obj, ("_HOSTNAME",), journal_text)
+    program = pop_first(obj, ("SYSLOG_IDENTIFIER", "_COMM"), journal_text)
+    pid = pop_first(obj, ("_PID", "SYSLOG_PID"), to_pid)
+    return ts, host, program, pid, level, obj or None, line if message is None else message
+
+
+def parse_journald(line: str, stamps: Stamps) -> Parsed | None:
+    """journalctl -o json: one journal entry per line."""
+    if line[:1] != "{" or JOURNAL_TIME_KEY not in line:
+        return None
+    try:
+        obj = load_json(line)
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the decoder goes
+        return None
+    if not isinstance(obj, dict) or JOURNAL_TIME not in obj:
+        return None
+    return journal_entry(obj, line, stamps)
+
+
 def parse_json(line: str, stamps: Stamps) -> Parsed | None:
-    """One JSON object per line; keys not used for a column (or not usable) go to fields."""
+    """One JSON object per line; keys not used for a column (or not usable) go to fields.
+    A journal entry is read as parse_journald() reads it."""
     if line.lstrip()[:1] != "{":
         return None
     try:
@@ -1096,6 +1152,8 @@ def parse_json(line: str, stamps: Stamps) -> Parsed | None:
         return None
     if not isinstance(obj, dict):
         return None
+    if JOURNAL_TIME in obj:
+        return journal_entry(obj, line, stamps)
     ts = pop_first(obj, TIME_KEYS, json_time, stamps)
     level = pop_first(obj, LEVEL_KEYS, json_level)
     message = pop_first(obj, MESSAGE_KEYS, text_or_none)
@@ -1228,11 +1286,12 @@ def make_pattern_parser(regex: str):
     return parse_pattern
 
 
-PARSERS = {"syslog": parse_syslog, "rfc5424": parse_rfc5424, "json": parse_json,
-           "clf": parse_clf, "logfmt": parse_logfmt, "app": parse_app}
+PARSERS = {"syslog": parse_syslog, "rfc5424": parse_rfc5424, "journald": parse_journald,
+           "json": parse_json, "clf": parse_clf, "logfmt": parse_logfmt, "app": parse_app}
 MULTILINE_FORMATS = frozenset({"syslog", "rfc5424", "app"})  # entries begin with a header line
-# Ties go to the earlier, stricter format: logfmt lines with a time are app lines as well.
-DETECT_ORDER = ("json", "clf", "syslog", "logfmt", "app")
+# Ties go to the earlier, stricter format: a journal entry is JSON too, logfmt lines with a
+# time are app lines as well.
+DETECT_ORDER = ("journald", "json", "clf", "syslog", "logfmt", "app")
 DETECT_LINES = 20  # non-empty lines sampled: enough to outvote a stack trace or two
 
 

@@ -27,8 +27,8 @@ import pytest
 import logtail2db as lt
 from logtail2db import (
     CACHE_MINUTES, MULTILINE_FORMATS, PARSERS, Parsed, Stamps, detect_format,
-    make_pattern_parser, normalize_level, parse_app, parse_clf, parse_json, parse_logfmt,
-    parse_rfc5424, parse_syslog, stated_level,
+    make_pattern_parser, normalize_level, parse_app, parse_clf, parse_journald, parse_json,
+    parse_logfmt, parse_rfc5424, parse_syslog, stated_level,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -1922,6 +1922,27 @@ def once_in_utc(logdir, db, *args):
     return result
 
 
+COLUMNS = "SELECT ts, host, program, pid, level, message, fields FROM entries ORDER BY id"
+
+
+def test_journald_export_fills_columns(logdir, db):
+    lines = [journal(SYSLOG_IDENTIFIER="sshd", _PID="4242", MESSAGE="Accepted publickey"),
+             journal(_COMM="kworker", PRIORITY="3", MESSAGE=[98, 97, 100, 32, 255]),
+             journal(SYSLOG_IDENTIFIER="logtail2db", _TRANSPORT="stdout",
+                     MESSAGE="logtail2db: warning: skipping x")]
+    (logdir / "journal.json").write_text("".join(line + "\n" for line in lines))
+    assert run_once(logdir, db).returncode == 0
+    rows = query(db, COLUMNS)
+    assert [row[:6] for row in rows] == [
+        (TS + ".123456", "web-01", "sshd", 4242, "info", "Accepted publickey"),
+        (TS + ".123456", "web-01", "kworker", None, "error", "bad \ufffd"),
+        (TS + ".123456", "web-01", "logtail2db", None, "warning",
+         "logtail2db: warning: skipping x")]
+    assert json.loads(rows[0][6]) == JOURNAL_FIELDS
+    assert raws(db) == [line.encode() for line in lines]
+    assert query(db, "SELECT format FROM files") == [("journald",)]
+
+
 def test_journalctl_short_precise_and_iso_keep_fractions(logdir, db):
     (logdir / "precise.log").write_bytes(
         b"Dec 02 11:32:56.655353 web-01 sshd[123]: Accepted publickey\n"
@@ -2773,6 +2794,81 @@ def test_parse_rfc5424_rejects(stamps, line):
     assert parse_rfc5424(line, stamps) is None
 
 
+# parse_journald ##################################################################
+
+MICROS = str(EPOCH_S * 1_000_000 + 123456)
+
+
+def journal(**keys):
+    """A line of journalctl -o json: its usual keys, then these."""
+    obj = {"__CURSOR": "s=0c3e;i=1f2", "__REALTIME_TIMESTAMP": MICROS,
+           "__MONOTONIC_TIMESTAMP": "8123456", "_BOOT_ID": "9a8b", "PRIORITY": "6",
+           "_TRANSPORT": "syslog", "_HOSTNAME": "web-01", **keys}
+    return json.dumps({key: value for key, value in obj.items() if value is not None},
+                      separators=(",", ":"))
+
+
+JOURNAL_FIELDS = {"__CURSOR": "s=0c3e;i=1f2", "__MONOTONIC_TIMESTAMP": "8123456",
+                  "_BOOT_ID": "9a8b", "_TRANSPORT": "syslog"}
+
+
+@pytest.mark.parametrize("line,expected", [
+    (journal(SYSLOG_IDENTIFIER="sshd", _PID="4242", _COMM="sshd", MESSAGE="Accepted publickey"),
+     entry(ts=TS + ".123456", host="web-01", program="sshd", pid=4242, level="info",
+           fields={**JOURNAL_FIELDS, "_COMM": "sshd"}, message="Accepted publickey")),
+    (journal(_COMM="cron", _PID="7", PRIORITY="3", MESSAGE="x"),  # no SYSLOG_IDENTIFIER
+     entry(ts=TS + ".123456", host="web-01", program="cron", pid=7, level="error",
+           fields=JOURNAL_FIELDS, message="x")),
+    (journal(SYSLOG_IDENTIFIER="kernel", _TRANSPORT="kernel", PRIORITY="4", _HOSTNAME=None,
+             MESSAGE="usb 1-1: new high-speed USB device"),
+     entry(ts=TS + ".123456", program="kernel", level="warning",
+           fields={**JOURNAL_FIELDS, "_TRANSPORT": "kernel"},
+           message="usb 1-1: new high-speed USB device")),
+    (journal(PRIORITY="0", MESSAGE=[99, 97, 102, 233, 0, 10]),   # not UTF-8: its bytes
+     entry(ts=TS + ".123456", host="web-01", level="emergency", fields=JOURNAL_FIELDS,
+           message="caf\ufffd\x00\n")),
+    (journal(PRIORITY="7", MESSAGE=["first", "second"]),     # a field given twice
+     entry(ts=TS + ".123456", host="web-01", level="debug", fields=JOURNAL_FIELDS,
+           message="first")),
+    # A service's stdout says its own level; the priority is the unit's for every line.
+    (journal(_TRANSPORT="stdout", SYSLOG_IDENTIFIER="logtail2db",
+             MESSAGE="logtail2db: warning: skipping x"),
+     entry(ts=TS + ".123456", host="web-01", program="logtail2db", level="warning",
+           fields={**JOURNAL_FIELDS, "_TRANSPORT": "stdout"},
+           message="logtail2db: warning: skipping x")),
+    (journal(_TRANSPORT="stdout", PRIORITY="6", MESSAGE="all fine: 3 files"),
+     entry(ts=TS + ".123456", host="web-01", level="info",
+           fields={**JOURNAL_FIELDS, "_TRANSPORT": "stdout"}, message="all fine: 3 files")),
+    (journal(SYSLOG_IDENTIFIER="app", MESSAGE="error: x"),   # syslog() gave its priority
+     entry(ts=TS + ".123456", host="web-01", program="app", level="info",
+           fields=JOURNAL_FIELDS, message="error: x")),
+    (journal(_PID="x", SYSLOG_PID="12", MESSAGE="m"),
+     entry(ts=TS + ".123456", host="web-01", pid=12, level="info",
+           fields={**JOURNAL_FIELDS, "_PID": "x"}, message="m")),
+    (journal(__REALTIME_TIMESTAMP="soon", PRIORITY="9"),    # unusable values stay in fields
+     entry(ts=None, host="web-01", fields={**JOURNAL_FIELDS, "__REALTIME_TIMESTAMP": "soon",
+                                           "PRIORITY": "9"},
+           message=journal(__REALTIME_TIMESTAMP="soon", PRIORITY="9"))),
+    ('{"__REALTIME_TIMESTAMP":"0","MESSAGE":null}',  # journalctl's null: a value too big
+     entry(ts="1970-01-01 00:00:00.000000", fields={"MESSAGE": None},
+           message='{"__REALTIME_TIMESTAMP":"0","MESSAGE":null}')),
+])
+def test_parse_journald(stamps, line, expected):
+    assert parse_journald(line, stamps) == expected
+    assert parse_json(line, stamps) == expected     # a journal file taken for JSON reads the same
+
+
+@pytest.mark.parametrize("line", [
+    "", "not json", "{}", '{"MESSAGE":"x"}', '{"__REALTIME_TIMESTAMP":',
+    '["__REALTIME_TIMESTAMP":1]',
+    '[{"__REALTIME_TIMESTAMP":"1"}]', ' {"__REALTIME_TIMESTAMP":"1"}',
+    '{"x":"\\"__REALTIME_TIMESTAMP\\":"}', '{"a": {"__REALTIME_TIMESTAMP":"1"}}',
+    "Nov 24 13:59:19 web-01 nginx[1234]: msg",
+])
+def test_parse_journald_rejects(stamps, line):
+    assert parse_journald(line, stamps) is None
+
+
 # parse_json ######################################################################
 
 @pytest.mark.parametrize("line,expected", [
@@ -3108,6 +3204,7 @@ JAVA_TRACE_LOG = [
     ([NGINX + '"GET / HTTP/1.1" 200 512 "-" "curl/8.5.0"'] * 5, "clf"),
     (PYTHON_TRACEBACK_LOG, "app"),
     (JAVA_TRACE_LOG, "app"),
+    ([journal(MESSAGE=f"m{n}") for n in range(5)], "journald"),
     (['level=info ts=2026-11-24T13:59:19.123Z caller=main.go:12 msg="x"'] * 5, "logfmt"),
     (['time="2026-11-24T13:59:19Z" level=info msg="text here" key=value'] * 5, "logfmt"),
     (["Nov 24 13:59:19.655353 web-01 sshd[123]: msg"] * 5, "syslog"),
@@ -3129,7 +3226,7 @@ def test_detect_format(stamps, lines, expected):
 
 
 def test_parser_tables():
-    assert set(PARSERS) == {"syslog", "rfc5424", "json", "logfmt", "clf", "app"}
+    assert set(PARSERS) == {"syslog", "rfc5424", "journald", "json", "logfmt", "clf", "app"}
     assert MULTILINE_FORMATS == {"syslog", "rfc5424", "app"}
     assert set(lt.DETECT_ORDER) == set(PARSERS) - {"rfc5424"}
     assert set(lt.FORMATS) == set(lt.DETECT_ORDER) | {"auto", "plain"}
@@ -3150,6 +3247,8 @@ SAMPLES = [
     'time=2026-11-24T13:59:19.123+01:00 level=INFO msg="hello world" user=42',
     "[2026-11-24T13:59:19Z INFO  myapp::db] connected",
     "Nov 24 13:59:19.655353 web-01 postfix/smtpd[99]: prog: warning: x",
+    journal(SYSLOG_IDENTIFIER="sshd", _PID="4242", _TRANSPORT="stdout",
+            MESSAGE=[108, 116, 58, 32, 101, 114, 114, 111, 114, 58, 32, 255]),
     'logger=settings t=2026-11-24T14:59:19.123+01:00 lvl=eror message="Starting" version=11',
 ]
 
