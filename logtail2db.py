@@ -114,7 +114,7 @@ RECEIVE_BYTES = 256 << 10       # bytes taken from the worker's socket at a time
 DEFAULT_EXCLUDES = ("*.gz", "*.bz2", "*.xz", "*.zst", "*.zip", "*.lz4", "*.Z")
 DB_SUFFIXES = (b"", b"-wal", b"-shm", b"-journal")
 SQLITE_MAGIC = b"SQLite format 3\x00"
-FORMATS = ("auto", "syslog", "journald", "json", "logfmt", "clf", "app", "plain")
+FORMATS = ("auto", "syslog", "journald", "json", "logfmt", "clf", "app", "java", "plain")
 SCHEMA_VERSION = 2
 MIN_SQLITE = (3, 31)            # generated columns (entries.message)
 WAL_LIMIT_BYTES = 16 << 20      # the -wal file is truncated to this once readers let it be
@@ -672,6 +672,15 @@ APP_TAIL_RES = tuple(re.compile(pattern) for pattern in (
     r"[ \t]+(?P<logger>[^\s\]]+)\](?:[ \t]|$)",  # env_logger "[time LEVEL target] msg"
     r"[ \t]+-(?:[ \t]|$)|[ \t]*",  # Python cookbook "LEVEL - msg", or the message right away
 ))
+# Java's default layouts: logback's "%d{HH:mm:ss.SSS} [%thread] %-5level %logger{36} - %msg"
+# (log4j2's default too), and log4j2's "%d [%t] %-5level %c - %m" and "%d %-5level [%t] %c - %m".
+# logback's time has no date: Stamps.clock() dates it by the file.
+JAVA_RE = re.compile(rf"""
+    (?:(?P<date>{ISO_PATTERN})|(?P<clock>[0-9]{{2}}:[0-9]{{2}}:[0-9]{{2}}(?:[.,][0-9]{{1,9}})?))
+    [ ]+(?:\[(?P<thread>[^\]]*)\][ ]+(?P<level>{UPPER_LEVELS})
+          |(?P<level_first>{UPPER_LEVELS})[ ]+\[(?P<thread_after>[^\]]*)\])
+    [ ]+(?P<logger>[^\s\[\]]+)[ ]+-(?:[ ]|$)
+""", re.VERBOSE)
 LOGFMT_RE = re.compile(rf'([^\s="]+)=("{ESCAPED}"|\S*)')  # slog TextHandler, logrus
 LOGFMT_START_RE = re.compile(r'[^\s="]+=')   # a logfmt line begins with its first key
 LOGFMT_TIME_KEYS = ("time", "ts", "t")  # slog and logrus; go-kit, Prometheus, Loki; Grafana
@@ -1262,6 +1271,21 @@ def parse_app(line: str, stamps: Stamps) -> Parsed | None:
             normalize_level(head["level"]), fields or None, line[tail.end():])
 
 
+def parse_java(line: str, stamps: Stamps) -> Parsed | None:
+    """Java's default layouts (see JAVA_RE): thread and logger to fields. A stack trace's
+    lines ("\\tat ...", "Caused by: ...", "\\t... 12 more") give None: they continue the
+    entry."""
+    match = JAVA_RE.match(line)
+    if match is None:
+        return None
+    ts = stamps.iso(match["date"]) if match["date"] else stamps.clock(match["clock"])
+    if ts is None:
+        return None
+    thread = match["thread"] if match["level"] else match["thread_after"]
+    return (ts, None, None, None, normalize_level(match["level"] or match["level_first"]),
+            {"thread": thread.strip(), "logger": match["logger"]}, line[match.end():])
+
+
 def make_pattern_parser(regex: str):
     """A parser for --pattern: named groups ts host program pid level message fill those
     columns, other named groups go to fields; a value that does not convert stays in fields."""
@@ -1287,11 +1311,12 @@ def make_pattern_parser(regex: str):
 
 
 PARSERS = {"syslog": parse_syslog, "rfc5424": parse_rfc5424, "journald": parse_journald,
-           "json": parse_json, "clf": parse_clf, "logfmt": parse_logfmt, "app": parse_app}
-MULTILINE_FORMATS = frozenset({"syslog", "rfc5424", "app"})  # entries begin with a header line
-# Ties go to the earlier, stricter format: a journal entry is JSON too, logfmt lines with a
-# time are app lines as well.
-DETECT_ORDER = ("journald", "json", "clf", "syslog", "logfmt", "app")
+           "json": parse_json, "clf": parse_clf, "logfmt": parse_logfmt, "app": parse_app,
+           "java": parse_java}
+MULTILINE_FORMATS = frozenset({"syslog", "rfc5424", "app", "java"})  # entries begin with a header
+# Ties go to the earlier, stricter format: a journal entry is JSON too, logfmt and Java layouts
+# are app lines as well.
+DETECT_ORDER = ("journald", "json", "clf", "syslog", "logfmt", "java", "app")
 DETECT_LINES = 20  # non-empty lines sampled: enough to outvote a stack trace or two
 
 

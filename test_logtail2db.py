@@ -27,8 +27,8 @@ import pytest
 import logtail2db as lt
 from logtail2db import (
     CACHE_MINUTES, MULTILINE_FORMATS, PARSERS, Parsed, Stamps, detect_format,
-    make_pattern_parser, normalize_level, parse_app, parse_clf, parse_journald, parse_json,
-    parse_logfmt, parse_rfc5424, parse_syslog, stated_level,
+    make_pattern_parser, normalize_level, parse_app, parse_clf, parse_java, parse_journald,
+    parse_json, parse_logfmt, parse_rfc5424, parse_syslog, stated_level,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -1637,6 +1637,20 @@ def test_builder_app_file_logfmt_lines_begin_entries(stamps):
         ("info", f"kit {n}") for n in range(10)]
 
 
+def test_builder_groups_a_logback_stack_trace(stamps):
+    data = (b"11:32:56.655 [main] ERROR com.example.App - boom\n" + JAVA.split(b"\n", 1)[1]
+            + b"11:32:57.001 [main] INFO  com.example.App - retrying\n")
+    builder, rows = build(data, format="auto", stamps=stamps)
+    rows += builder.flush()
+    assert builder.format == "java"
+    assert [r[8].count("\n") + 1 for r in rows] == [7, 1]
+    fields = '{"thread":"main","logger":"com.example.App"}'
+    assert [(r[2], r[4], r[6], r[7]) for r in rows] == [
+        ("2026-11-24 11:32:56.655000", None, "error", fields),
+        ("2026-11-24 11:32:57.001000", None, "info", fields)]
+    assert rows[0][8][rows[0][10] - 1:] == "boom\n" + JAVA.split(b"\n", 1)[1][:-1].decode()
+
+
 class GeneralLoopOnly(lt.EntryBuilder):
     """The builder with its two fast paths replaced by its general loop."""
 
@@ -1664,6 +1678,8 @@ def feed_in_chunks(builder, data: bytes, rng) -> list:
              "vu\n".encode() + b"bad \xff byte\n") * 40),
     ("plain", b"".join(b"line %d\n" % n + (b"caf\xc3\xa9\n" if n % 9 == 0 else b"")
                        for n in range(2000))),
+    ("java", (b"11:32:56.655 [main] ERROR com.example.App - boom\n" + JAVA.split(b"\n", 1)[1]
+              + b"2026-11-24 13:59:22,000 INFO [main] c.e.App - after\n") * 60),
 ])
 def test_builder_fast_paths_store_what_the_general_loop_does(stamps, format, data):
     if data is None:
@@ -1973,6 +1989,24 @@ def test_logfmt_file_fills_columns(logdir, db):
         ("2026-11-24 13:59:20", "warning", "ring not ready", '{"caller":"ring.go:40"}'),
         ("2026-11-24 13:59:21", "error", "text here", '{"key":"value"}')]
     assert query(db, "SELECT format FROM files") == [("logfmt",)]
+
+
+def test_logback_default_is_dated_by_the_file_and_keeps_its_stack_traces(logdir, db):
+    trace = JAVA.split(b"\n", 1)[1]
+    log = logdir / "app.log"
+    log.write_bytes(b"23:59:58.100 [main] INFO  com.example.App - before midnight\n"
+                    b"11:32:56.655 [main] ERROR com.example.App - boom\n" + trace
+                    + b"11:33:00.001 [worker-1] WARN  c.e.Job - slow\n")
+    os.utime(log, (DEC_2_2026, DEC_2_2026))
+    once_in_utc(logdir, db)
+    assert query(db, "SELECT ts, program, level, fields FROM entries ORDER BY id") == [
+        ("2026-12-01 23:59:58.100000", None, "info",
+         '{"thread":"main","logger":"com.example.App"}'),
+        ("2026-12-02 11:32:56.655000", None, "error",
+         '{"thread":"main","logger":"com.example.App"}'),
+        ("2026-12-02 11:33:00.001000", None, "warning", '{"thread":"worker-1","logger":"c.e.Job"}')]
+    assert raws(db)[1] == b"11:32:56.655 [main] ERROR com.example.App - boom\n" + trace[:-1]
+    assert query(db, "SELECT format FROM files") == [("java",)]
 
 
 def test_messages_that_state_their_level_fill_it(logdir, db):
@@ -3135,6 +3169,57 @@ def test_parse_app_rejects(stamps, line):
     assert parse_app(line, stamps) is None
 
 
+# parse_java ######################################################################
+
+JAVA_FIELDS = {"thread": "main", "logger": "com.example.App"}
+
+
+@pytest.mark.parametrize("line,expected", [
+    # logback's default (log4j2's default console too): the day from the file, 24 Nov 12:00
+    ("11:59:19.123 [main] INFO  com.example.App - started",
+     entry(ts="2026-11-24 11:59:19.123000", level="info", fields=JAVA_FIELDS, message="started")),
+    ("11:59:19.123 [http-nio-8080-exec-1] WARN  c.e.web.Controller - slow: 2 s",
+     entry(ts="2026-11-24 11:59:19.123000", level="warning",
+           fields={"thread": "http-nio-8080-exec-1", "logger": "c.e.web.Controller"},
+           message="slow: 2 s")),
+    ("13:59:19.123 [main] ERROR com.example.App - later in the day than the file: yesterday",
+     entry(ts="2026-11-23 13:59:19.123000", level="error", fields=JAVA_FIELDS,
+           message="later in the day than the file: yesterday")),
+    # log4j2 "%d [%t] %-5level %c - %m" and "%d %-5level [%t] %c - %m"
+    ("2026-11-24 13:59:19,123 [main] INFO com.example.App - started",
+     entry(ts=TS + ".123000", level="info", fields=JAVA_FIELDS, message="started")),
+    ("2026-11-24 13:59:19.123 INFO [main] com.example.App - started",
+     entry(ts=TS + ".123000", level="info", fields=JAVA_FIELDS, message="started")),
+    ("2026-11-24 13:59:19,123 [pool-1 thread-2] ERROR c.e.Job - failed - retrying",
+     entry(ts=TS + ".123000", level="error", fields={"thread": "pool-1 thread-2",
+                                                    "logger": "c.e.Job"},
+           message="failed - retrying")),
+    ("2026-11-24T13:59:19.123Z [           main] DEBUG com.example.App - x",
+     entry(ts=TS + ".123000", level="debug", fields=JAVA_FIELDS, message="x")),
+    ("2026-11-24 13:59:19,123 [main] FATAL com.example.App -",
+     entry(ts=TS + ".123000", level="critical", fields=JAVA_FIELDS)),
+    ("2026-11-24 13:59:19,123 TRACE [] com.example.App - x",
+     entry(ts=TS + ".123000", level="trace", fields={"thread": "", "logger": "com.example.App"},
+           message="x")),
+])
+def test_parse_java(stamps, line, expected):
+    assert parse_java(line, stamps) == expected
+
+
+@pytest.mark.parametrize("line", [
+    "", "\tat com.example.App.run(App.java:10)", "Caused by: java.io.IOException: disk",
+    "\t... 2 more", "java.lang.IllegalStateException: boom",
+    "2026-11-24 13:59:19,123 INFO app.db: connected",
+    "2026-11-24 13:59:19.123  INFO 4242 --- [main] o.s.b.StartupInfoLogger : Starting",
+    "11:59:19.123 [main] info com.example.App - lower case", "11:59:19.123 [main] INFO c.e.App: x",
+    "25:00:00.000 [main] INFO com.example.App - x", "11:59:19.123 [main INFO com.example.App - x",
+    "11:59 [main] INFO com.example.App - x", "2026-13-01 00:00:00,000 [main] INFO c.e.App - x",
+    "Nov 24 13:59:19 web-01 java[1]: x",
+])
+def test_parse_java_rejects(stamps, line):
+    assert parse_java(line, stamps) is None
+
+
 # make_pattern_parser #############################################################
 
 @pytest.mark.parametrize("regex,line,expected", [
@@ -3203,7 +3288,8 @@ JAVA_TRACE_LOG = [
     (["starting up..."] + ['{"level":30,"msg":"hi"}'] * 5, "json"),
     ([NGINX + '"GET / HTTP/1.1" 200 512 "-" "curl/8.5.0"'] * 5, "clf"),
     (PYTHON_TRACEBACK_LOG, "app"),
-    (JAVA_TRACE_LOG, "app"),
+    (JAVA_TRACE_LOG, "java"),   # log4j2's layout: thread and logger to fields (issue 14)
+    (["11:32:56.655 [main] INFO  com.example.App - up"] + JAVA_TRACE_LOG[1:], "java"),
     ([journal(MESSAGE=f"m{n}") for n in range(5)], "journald"),
     (['level=info ts=2026-11-24T13:59:19.123Z caller=main.go:12 msg="x"'] * 5, "logfmt"),
     (['time="2026-11-24T13:59:19Z" level=info msg="text here" key=value'] * 5, "logfmt"),
@@ -3226,8 +3312,9 @@ def test_detect_format(stamps, lines, expected):
 
 
 def test_parser_tables():
-    assert set(PARSERS) == {"syslog", "rfc5424", "journald", "json", "logfmt", "clf", "app"}
-    assert MULTILINE_FORMATS == {"syslog", "rfc5424", "app"}
+    assert set(PARSERS) == {"syslog", "rfc5424", "journald", "json", "logfmt", "clf", "app",
+                            "java"}
+    assert MULTILINE_FORMATS == {"syslog", "rfc5424", "app", "java"}
     assert set(lt.DETECT_ORDER) == set(PARSERS) - {"rfc5424"}
     assert set(lt.FORMATS) == set(lt.DETECT_ORDER) | {"auto", "plain"}
 
@@ -3250,6 +3337,8 @@ SAMPLES = [
     journal(SYSLOG_IDENTIFIER="sshd", _PID="4242", _TRANSPORT="stdout",
             MESSAGE=[108, 116, 58, 32, 101, 114, 114, 111, 114, 58, 32, 255]),
     'logger=settings t=2026-11-24T14:59:19.123+01:00 lvl=eror message="Starting" version=11',
+    "11:32:56.655 [main] INFO  com.example.App - started",
+    "2026-11-24 13:59:19.123 ERROR [pool-1 thread-2] com.example.App - failed",
 ]
 
 
