@@ -114,7 +114,8 @@ RECEIVE_BYTES = 256 << 10       # bytes taken from the worker's socket at a time
 DEFAULT_EXCLUDES = ("*.gz", "*.bz2", "*.xz", "*.zst", "*.zip", "*.lz4", "*.Z")
 DB_SUFFIXES = (b"", b"-wal", b"-shm", b"-journal")
 SQLITE_MAGIC = b"SQLite format 3\x00"
-FORMATS = ("auto", "syslog", "journald", "json", "logfmt", "clf", "app", "java", "plain")
+FORMATS = ("auto", "syslog", "journald", "json", "docker", "cri", "logfmt", "clf", "app", "java",
+           "plain")
 SCHEMA_VERSION = 2
 MIN_SQLITE = (3, 31)            # generated columns (entries.message)
 WAL_LIMIT_BYTES = 16 << 20      # the -wal file is truncated to this once readers let it be
@@ -1286,6 +1287,82 @@ def parse_java(line: str, stamps: Stamps) -> Parsed | None:
             {"thread": thread.strip(), "logger": match["logger"]}, line[match.end():])
 
 
+# Container runtimes write what a container prints with their own time and stream, one line
+# a line, a line longer than their buffer (Docker and containerd: 16 KiB) in pieces. A piece:
+# (ts, stream, text, partial: the next piece continues it, other fields of the runtime's).
+Piece = collections.namedtuple("Piece", "ts stream text partial extra")
+CRI_TAGS = {"F": False, "P": True}      # full line, or a partial piece of one
+CRI_STREAMS = frozenset({"stdout", "stderr"})
+
+
+def docker_piece(line: str, stamps: Stamps) -> Piece | None:
+    """A line of Docker's json-file driver: '{"log":"text\\n","stream":"stderr","time":...}';
+    a "log" without its final newline is a piece of a longer line."""
+    if not line.startswith('{"log":'):
+        return None
+    try:
+        obj = load_json(line)
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the decoder goes
+        return None
+    if not isinstance(obj, dict):
+        return None
+    text, stream, stamp = obj.pop("log", None), obj.pop("stream", None), obj.pop("time", None)
+    if not (isinstance(text, str) and isinstance(stream, str) and isinstance(stamp, str)):
+        return None
+    ts = stamps.iso(stamp)
+    if ts is None:
+        return None
+    partial = text[-1:] != "\n"
+    if not partial:
+        text = text[:-2] if text.endswith("\r\n") else text[:-1]
+    return Piece(ts, stream, text, partial, obj)
+
+
+def cri_piece(line: str, stamps: Stamps) -> Piece | None:
+    """A line of the CRI log format (containerd, CRI-O: /var/log/containers/*.log):
+    'TIME STREAM TAG text', TAG F for a full line, P for a piece that the next one continues."""
+    parts = line.split(" ", 3)
+    if len(parts) < 3 or parts[1] not in CRI_STREAMS or parts[2] not in CRI_TAGS:
+        return None
+    ts = stamps.iso(parts[0])
+    if ts is None:
+        return None
+    return Piece(ts, parts[1], parts[3] if len(parts) == 4 else "", CRI_TAGS[parts[2]], None)
+
+
+def container_entry(piece: Piece, stamps: Stamps) -> Parsed:
+    """The entry of a container's line (or of its pieces joined): the runtime's time and
+    stream, and what the line itself says when it is JSON, logfmt, a Java layout or an
+    application logger's. The time stays the runtime's: every line has it, in UTC, while the
+    application's own may have no zone, and a container's zone need not be the tailer's."""
+    text = piece.text
+    inner = parse_json(text, stamps) if text[:1] == "{" else (
+        parse_logfmt(text, stamps) or parse_java(text, stamps) or parse_app(text, stamps))
+    fields = {"stream": piece.stream}
+    if piece.extra:
+        fields.update(piece.extra)
+    if piece.partial:   # stored so only when the rest never came
+        fields["partial"] = True
+    if inner is None:
+        return piece.ts, None, None, None, stated_level(text), fields, text
+    _, host, program, pid, level, inner_fields, message = inner
+    if inner_fields:
+        fields = {**inner_fields, **fields}     # the runtime's stream wins over a key of the line's
+    return piece.ts, host, program, pid, level, fields, message
+
+
+def parse_docker(line: str, stamps: Stamps) -> Parsed | None:
+    """Docker's json-file log (/var/lib/docker/containers/*/*-json.log); see container_entry."""
+    piece = docker_piece(line, stamps)
+    return None if piece is None else container_entry(piece, stamps)
+
+
+def parse_cri(line: str, stamps: Stamps) -> Parsed | None:
+    """A CRI container log line (Kubernetes' /var/log/containers); see container_entry."""
+    piece = cri_piece(line, stamps)
+    return None if piece is None else container_entry(piece, stamps)
+
+
 def make_pattern_parser(regex: str):
     """A parser for --pattern: named groups ts host program pid level message fill those
     columns, other named groups go to fields; a value that does not convert stays in fields."""
@@ -1312,11 +1389,13 @@ def make_pattern_parser(regex: str):
 
 PARSERS = {"syslog": parse_syslog, "rfc5424": parse_rfc5424, "journald": parse_journald,
            "json": parse_json, "clf": parse_clf, "logfmt": parse_logfmt, "app": parse_app,
-           "java": parse_java}
+           "java": parse_java, "docker": parse_docker, "cri": parse_cri}
 MULTILINE_FORMATS = frozenset({"syslog", "rfc5424", "app", "java"})  # entries begin with a header
-# Ties go to the earlier, stricter format: a journal entry is JSON too, logfmt and Java layouts
-# are app lines as well.
-DETECT_ORDER = ("journald", "json", "clf", "syslog", "logfmt", "java", "app")
+PIECES = {"docker": docker_piece, "cri": cri_piece}  # formats whose long lines come in pieces
+# Ties go to the earlier, stricter format: a journal entry or a Docker line is JSON too, a CRI
+# line reads as RFC 3339 syslog (host "stdout") and as a level-less app line, logfmt and Java
+# layouts are app lines as well.
+DETECT_ORDER = ("journald", "docker", "json", "cri", "clf", "syslog", "logfmt", "java", "app")
 DETECT_LINES = 20  # non-empty lines sampled: enough to outvote a stack trace or two
 
 
@@ -1405,7 +1484,9 @@ class EntryBuilder:
     a piece of an over-long line (None for a whole entry).
     In a multi-line format the last entry is held back until the next entry begins
     or flush() is called, so that the offset committed (held_offset) never passes
-    an entry that is not stored yet.
+    an entry that is not stored yet. In a format whose long lines come in pieces
+    (Docker's, CRI's) a piece that the next line continues is held the same way, and
+    the pieces make one entry: raw their lines, message their texts joined.
     """
 
     def __init__(self, file_id: int, options: ParseOptions, stamps: Stamps, rows,
@@ -1419,6 +1500,7 @@ class EntryBuilder:
         self.format = None
         self.parse = None
         self.multiline = False
+        self.piece = None       # the format's reader of pieces (PIECES), if it has them
         if options.pattern is not None or options.format != "auto":
             self.set_format(options.format)     # what the user says wins over what was stored
         elif format is not None:
@@ -1430,6 +1512,8 @@ class EntryBuilder:
         self.format = format
         self.parse = self.options.pattern or PARSERS.get(format)
         self.multiline = self.options.multiline_start is not None or format in MULTILINE_FORMATS
+        # --multiline-start says what an entry is, in any format.
+        self.piece = PIECES.get(format) if self.options.multiline_start is None else None
 
     def held_offset(self, default: int) -> int:
         return self.held[0] if self.held is not None else default
@@ -1459,8 +1543,16 @@ class EntryBuilder:
             rows.extend(self._feed_plain(lines, sizes, offset))
             return rows
         texts = lines if all_text else [_readable(line) for line in lines]
-        heads = ([self.parse(text, self.stamps) for text in texts] if self.parse is not None
-                 else [None] * len(lines))
+        if self.piece is not None:
+            pieces = [self.piece(text, self.stamps) for text in texts]
+            heads = [piece and container_entry(piece, self.stamps) for piece in pieces]
+            if self.held is not None or any(piece and piece.partial for piece in pieces):
+                rows.extend(self._feed_pieces(lines, sizes, pieces, heads, offset))
+                return rows
+        elif self.parse is not None:
+            heads = [self.parse(text, self.stamps) for text in texts]
+        else:
+            heads = [None] * len(lines)
         if fits and all(heads):
             rows.extend(self._feed_headers(lines, sizes, heads, offset))
         else:
@@ -1511,6 +1603,35 @@ class EntryBuilder:
         self.held = held
         return rows
 
+    def _feed_pieces(self, lines, sizes, pieces, heads, offset) -> list:
+        """Lines of a container's log with pieces of long lines among them (or the last
+        piece held): a partial piece continues into the next line of its stream."""
+        max_bytes, max_lines = self.options.max_entry_bytes, self.options.max_entry_lines
+        rows, held = [], self.held
+        for line, size, piece, parsed in zip(lines, sizes, pieces, heads):
+            # held[1] is the first piece's entry: its fields have the stream.
+            if (held is not None and piece is not None and piece.stream == held[1][5]["stream"]
+                    and held[3] + size <= max_bytes and len(held[2]) < max_lines):
+                held[2].append(line)
+                held[3] += size
+                offset += size
+                if not piece.partial:
+                    rows.append(self._entry(*held[:3]))
+                    held = None
+                continue
+            if held is not None:    # the rest never came, or past the cap: it goes on anew
+                rows.append(self._entry(*held[:3]))
+                held = None
+            if size > max_bytes:
+                rows.extend(self._pieces(line, offset))
+            elif piece is not None and piece.partial:
+                held = [offset, parsed, [line], size]
+            else:
+                rows.append(self._entry(offset, parsed, [line]))
+            offset += size
+        self.held = held
+        return rows
+
     def feed_piece(self, data: bytes, offset: int) -> list:
         """Rows for a piece of a line longer than max_entry_bytes (data has no newline)."""
         rows = self.flush()
@@ -1535,6 +1656,10 @@ class EntryBuilder:
 
     def _entry(self, offset, parsed, lines):
         raw = lines[0] if len(lines) == 1 else _joined(lines)
+        if len(lines) > 1 and self.piece is not None:
+            pieces = [self.piece(_readable(line), self.stamps) for line in lines]
+            if None not in pieces:  # as they were when joined; else they are lines
+                return self._joined_pieces(offset, pieces, raw)
         if parsed is None:
             message = None if type(raw) is str else _readable(raw)
             return self.rows.entry(self.file_id, offset, None, raw, message, 1, None)
@@ -1545,6 +1670,17 @@ class EntryBuilder:
                                    len(first) - len(message) + 1, None)
         if len(lines) > 1:
             message += "\n" + _readable(raw)[len(_readable(first)) + 1:]
+        return self.rows.entry(self.file_id, offset, parsed, raw, message, 1, None)
+
+    def _joined_pieces(self, offset, pieces, raw):
+        """_entry() of a line that came in pieces: one entry of the pieces' texts joined."""
+        parsed = container_entry(pieces[0]._replace(
+            text="".join(piece.text for piece in pieces), partial=pieces[-1].partial),
+            self.stamps)
+        message = parsed[6]
+        if type(raw) is str and raw.endswith(message):
+            return self.rows.entry(self.file_id, offset, parsed, raw, None,
+                                   len(raw) - len(message) + 1, None)
         return self.rows.entry(self.file_id, offset, parsed, raw, message, 1, None)
 
     def _pieces(self, line, offset):

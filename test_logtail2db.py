@@ -27,8 +27,9 @@ import pytest
 import logtail2db as lt
 from logtail2db import (
     CACHE_MINUTES, MULTILINE_FORMATS, PARSERS, Parsed, Stamps, detect_format,
-    make_pattern_parser, normalize_level, parse_app, parse_clf, parse_java, parse_journald,
-    parse_json, parse_logfmt, parse_rfc5424, parse_syslog, stated_level,
+    make_pattern_parser, normalize_level, parse_app, parse_clf, parse_cri, parse_docker,
+    parse_java, parse_journald, parse_json, parse_logfmt, parse_rfc5424, parse_syslog,
+    stated_level,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -1625,6 +1626,56 @@ def test_builder_detects_the_format_from_the_first_lines(stamps):
         ("info", '{"level": "info", "msg": "hi"}', "hi"), (None, "not json", None)]
 
 
+def test_builder_joins_docker_pieces_into_one_entry(stamps):
+    lines = [docker("a" * 16384), docker("b" * 16384), docker("c\n"), docker("next\n")]
+    data = "".join(line + "\n" for line in lines).encode()
+    cut = len(lines[0]) + len(lines[1]) + 2
+    builder, rows = build(data[:cut], format="docker", stamps=stamps)
+    assert rows == [] and builder.held_offset(cut) == 0     # the offset waits for the rest
+    rows = builder.feed(data[cut:], cut)
+    assert [(r[1], r[2], r[7], r[8], r[9]) for r in rows] == [
+        (0, TS + ".123456", '{"stream":"stdout"}', "\n".join(lines[:3]),
+         "a" * 16384 + "b" * 16384 + "c"),
+        (len(data) - len(lines[3]) - 1, TS + ".123456", '{"stream":"stdout"}', lines[3], "next")]
+    assert builder.flush() == []
+
+
+def test_builder_reads_a_cri_line_once_its_pieces_are_joined(stamps):
+    text = '{"level":"error","msg":"' + "x" * 100 + '","user":7}'
+    lines = [f"2026-11-24T13:59:19.{n}Z stdout {tag} {text[start:start + 60]}"
+             for n, (tag, start) in enumerate([("P", 0), ("P", 60), ("F", 120)], 1)]
+    lines.append("2026-11-24T13:59:20Z stdout F after")
+    builder, rows = build("".join(line + "\n" for line in lines).encode(), format="cri",
+                          stamps=stamps)
+    assert [(r[1], r[2], r[6], r[7], r[8], r[9]) for r in rows] == [
+        (0, TS + ".100000", "error", '{"user":7,"stream":"stdout"}', "\n".join(lines[:3]),
+         "x" * 100),
+        (sum(len(line) + 1 for line in lines[:3]), "2026-11-24 13:59:20", None,
+         '{"stream":"stdout"}', lines[3], None)]
+
+
+def test_builder_stores_a_piece_whose_rest_never_came(stamps):
+    lines = ["2026-11-24T13:59:19Z stdout P cut", "2026-11-24T13:59:19Z stderr F other stream",
+             "2026-11-24T13:59:19Z stdout F its own", "2026-11-24T13:59:19Z stdout P last"]
+    builder, rows = build("".join(line + "\n" for line in lines).encode(), format="cri",
+                          stamps=stamps)
+    rows += builder.flush()
+    assert [(r[7], r[8], r[9]) for r in rows] == [
+        ('{"stream":"stdout","partial":true}', lines[0], None),
+        ('{"stream":"stderr"}', lines[1], None),
+        ('{"stream":"stdout"}', lines[2], None),
+        ('{"stream":"stdout","partial":true}', lines[3], None)]
+
+
+def test_builder_caps_joined_pieces_and_goes_on_as_a_new_entry(stamps):
+    lines = [f"2026-11-24T13:59:19Z stdout P {n}" for n in range(5)]
+    lines.append("2026-11-24T13:59:19Z stdout F end")
+    builder, rows = build("".join(line + "\n" for line in lines).encode(), format="cri",
+                          max_entry_lines=4, stamps=stamps)
+    assert [(r[8].count("\n") + 1, r[9] or r[8][r[10] - 1:]) for r in rows] == [
+        (4, "0123"), (2, "4end")]
+
+
 def test_builder_app_file_logfmt_lines_begin_entries(stamps):
     # An app file where go-kit lines follow slog's: each is an entry, none a continuation.
     data = (b'time=2026-11-24T13:59:19Z level=INFO msg="slog one"\n'
@@ -1680,10 +1731,12 @@ def feed_in_chunks(builder, data: bytes, rng) -> list:
                        for n in range(2000))),
     ("java", (b"11:32:56.655 [main] ERROR com.example.App - boom\n" + JAVA.split(b"\n", 1)[1]
               + b"2026-11-24 13:59:22,000 INFO [main] c.e.App - after\n") * 60),
+    ("docker", None),       # container_backlog(): pieces across chunks, both streams, odd lines
+    ("cri", None),
 ])
 def test_builder_fast_paths_store_what_the_general_loop_does(stamps, format, data):
     if data is None:
-        data = syslog_backlog(3000, seed=3)
+        data = syslog_backlog(3000, seed=3) if format == "syslog" else container_backlog(format)
     options = lt.ParseOptions(format, None, None, 1 << 20, 500)
     reference = GeneralLoopOnly(1, options, stamps, FullRows)
     expected = reference.feed(data, 0) + reference.flush()
@@ -1691,6 +1744,29 @@ def test_builder_fast_paths_store_what_the_general_loop_does(stamps, format, dat
     for seed in range(8):
         builder = lt.EntryBuilder(1, options, stamps, FullRows)
         assert feed_in_chunks(builder, data, random.Random(seed)) == expected, seed
+
+
+def container_backlog(format: str, lines: int = 1500, seed: int = 4) -> bytes:
+    """A Docker or CRI log: lines of both streams, a few long ones in pieces (the pieces of
+    one sometimes cut by the other stream's), lines that are not the format's."""
+    rng = random.Random(seed)
+    out = []
+    for n in range(lines):
+        stream = "stderr" if rng.random() < 0.2 else "stdout"
+        kind = rng.random()
+        text = (f'{{"level":"warn","msg":"request {n}","took_ms":{n % 97}}}' if kind < 0.3
+                else f"2026-11-24 13:59:19,{n % 1000:03d} ERROR app.web: failed {n}" if kind < 0.4
+                else f"plain line {n} caf\u00e9")
+        pieces = [text[i:i + 7] for i in range(0, len(text), 7)] if rng.random() < 0.1 else [text]
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            if format == "docker":
+                out.append(docker(piece + "\n" if last else piece, stream))
+            else:
+                out.append(f"2026-11-24T13:59:19.{n:09d}Z {stream} {'F' if last else 'P'} {piece}")
+            if rng.random() < 0.02:
+                out.append("not a container line")
+    return "".join(line + "\n" for line in out).encode()
 
 
 def test_stack_trace_is_one_entry_held_until_quiet(tailer, logdir, db):
@@ -1976,6 +2052,37 @@ def test_journalctl_short_precise_and_iso_keep_fractions(logdir, db):
         ("2026-12-02 11:32:58.655353", "web-01", "sshd", 123, None, "precise"),
         ("2026-12-02 11:32:59", "web-01", "sshd", 123, "error", "error: short-iso")]
     assert query(db, "SELECT DISTINCT format FROM files") == [("syslog",)]
+
+
+def test_docker_json_file_joins_split_lines(logdir, db):
+    lines = [docker("starting\n"), docker("x" * 16384), docker("y" * 100 + "\n"),
+             docker('{"level":"error","msg":"boom","user":7}\n', "stderr")]
+    data = "".join(line + "\n" for line in lines).encode()
+    (logdir / "abc-json.log").write_bytes(data)
+    assert run_once(logdir, db).returncode == 0
+    assert query(db, "SELECT ts, level, message, fields FROM entries ORDER BY id") == [
+        (TS + ".123456", None, "starting", '{"stream":"stdout"}'),
+        (TS + ".123456", None, "x" * 16384 + "y" * 100, '{"stream":"stdout"}'),
+        (TS + ".123456", "error", "boom", '{"user":7,"stream":"stderr"}')]
+    assert raws(db) == [lines[0].encode(), (lines[1] + "\n" + lines[2]).encode(),
+                        lines[3].encode()]
+    assert query(db, "SELECT format, offset FROM files") == [("docker", len(data))]
+
+
+def test_cri_log_joins_partial_pieces_and_reads_what_the_container_wrote(logdir, db):
+    lines = ["2026-11-24T13:59:19.000000001Z stdout F plain start",
+             '2026-11-24T13:59:19.123456789Z stdout P {"level":"warn","msg":"ha',
+             '2026-11-24T13:59:19.123456790Z stdout P lf and',
+             '2026-11-24T13:59:19.123456791Z stdout F  half","k":1}',
+             '2026-11-24T13:59:20Z stderr F level=error ts=2026-11-24T13:59:20Z msg="x y"']
+    (logdir / "web_default_app-0123.log").write_text("".join(line + "\n" for line in lines))
+    assert run_once(logdir, db).returncode == 0
+    assert query(db, "SELECT ts, level, message, fields FROM entries ORDER BY id") == [
+        (TS + ".000000", None, "plain start", '{"stream":"stdout"}'),
+        (TS + ".123456", "warning", "half and half", '{"k":1,"stream":"stdout"}'),
+        ("2026-11-24 13:59:20", "error", "x y", '{"stream":"stderr"}')]
+    assert raws(db) == [lines[0].encode(), "\n".join(lines[1:4]).encode(), lines[4].encode()]
+    assert query(db, "SELECT format FROM files") == [("cri",)]
 
 
 def test_logfmt_file_fills_columns(logdir, db):
@@ -3220,6 +3327,94 @@ def test_parse_java_rejects(stamps, line):
     assert parse_java(line, stamps) is None
 
 
+# parse_docker ####################################################################
+
+def docker(log, stream="stdout", time="2026-11-24T13:59:19.123456789Z", **more):
+    return json.dumps({"log": log, "stream": stream, **more, "time": time},
+                      separators=(",", ":"))
+
+
+@pytest.mark.parametrize("line,expected", [
+    (docker("text here\n", "stderr"),
+     entry(ts=TS + ".123456", fields={"stream": "stderr"}, message="text here")),
+    (docker("a piece, no newline"),   # the next line continues it (see EntryBuilder)
+     entry(ts=TS + ".123456", fields={"stream": "stdout", "partial": True},
+           message="a piece, no newline")),
+    (docker("crlf\r\n"), entry(ts=TS + ".123456", fields={"stream": "stdout"}, message="crlf")),
+    (docker("\n"), entry(ts=TS + ".123456", fields={"stream": "stdout"})),
+    (docker("x\n", attrs={"tag": "web"}),
+     entry(ts=TS + ".123456", fields={"stream": "stdout", "attrs": {"tag": "web"}}, message="x")),
+    # What the container wrote, read further; the time stays the runtime's.
+    (docker('{"level":"error","msg":"boom","user":7,"time":"2026-11-24T13:00:00Z"}\n'),
+     entry(ts=TS + ".123456", level="error", fields={"user": 7, "stream": "stdout"},
+           message="boom")),
+    (docker('{"msg":"x","stream":"mine"}\n'),
+     entry(ts=TS + ".123456", fields={"stream": "stdout"}, message="x")),
+    (docker('time=2026-11-24T13:59:19Z level=warn msg="disk low" free=3%\n'),
+     entry(ts=TS + ".123456", level="warning", fields={"free": "3%", "stream": "stdout"},
+           message="disk low")),
+    (docker("2026-11-24 13:59:19,123 ERROR app.web: request failed\n"),
+     entry(ts=TS + ".123456", program="app.web", level="error", fields={"stream": "stdout"},
+           message="request failed")),
+    (docker("logtail2db: warning: skipping x\n", "stderr"),
+     entry(ts=TS + ".123456", level="warning", fields={"stream": "stderr"},
+           message="logtail2db: warning: skipping x")),
+    (docker("x\n", time="2026-11-24T14:59:19+01:00"),
+     entry(fields={"stream": "stdout"}, message="x")),
+])
+def test_parse_docker(stamps, line, expected):
+    assert parse_docker(line, stamps) == expected
+
+
+@pytest.mark.parametrize("line", [
+    "", "not json", '{"log":"x\\n"}', '{"log":"x\\n","stream":"stdout"}',
+    docker("x\n", time="yesterday"), docker(1), docker("x\n", stream=None),
+    '{"stream":"stdout","log":"x\\n","time":"2026-11-24T13:59:19Z"}',
+    docker("x\n") + " trailing", '{"log":', '{"log":"x\\n","stream":"stdout","time":1}',
+])
+def test_parse_docker_rejects(stamps, line):
+    assert parse_docker(line, stamps) is None
+
+
+# parse_cri #######################################################################
+
+@pytest.mark.parametrize("line,expected", [
+    ("2026-11-24T13:59:19.123456789Z stdout F text here",
+     entry(ts=TS + ".123456", fields={"stream": "stdout"}, message="text here")),
+    ("2026-11-24T13:59:19.123456789Z stderr P a piece",   # the next line continues it
+     entry(ts=TS + ".123456", fields={"stream": "stderr", "partial": True}, message="a piece")),
+    ("2026-11-24T14:59:19.123456789+01:00 stdout F cri-o", entry(  # CRI-O: local time
+        ts=TS + ".123456", fields={"stream": "stdout"}, message="cri-o")),
+    ("2026-11-24T13:59:19.1Z stdout F x",  # RFC3339Nano drops trailing zeros
+     entry(ts=TS + ".100000", fields={"stream": "stdout"}, message="x")),
+    ("2026-11-24T13:59:19Z stdout F x", entry(fields={"stream": "stdout"}, message="x")),
+    ("2026-11-24T13:59:19Z stdout F ", entry(fields={"stream": "stdout"})),
+    ("2026-11-24T13:59:19Z stdout F", entry(fields={"stream": "stdout"})),
+    ("2026-11-24T13:59:19Z stdout F  two  spaces ",
+     entry(fields={"stream": "stdout"}, message=" two  spaces ")),
+    ('2026-11-24T13:59:19Z stdout F {"level":"warn","msg":"hi","k":1}',
+     entry(level="warning", fields={"k": 1, "stream": "stdout"}, message="hi")),
+    ('2026-11-24T13:59:19Z stderr F level=error ts=2026-11-24T13:00:00Z msg="x y"',
+     entry(level="error", fields={"stream": "stderr"}, message="x y")),
+    ("2026-11-24T13:59:19Z stdout F 11:32:56.655 [main] INFO  com.example.App - up",
+     entry(level="info", fields={**JAVA_FIELDS, "stream": "stdout"}, message="up")),
+    ("2026-11-24T13:59:19Z stdout F 2026-11-24 13:59:19,123 INFO app.db: connected",
+     entry(program="app.db", level="info", fields={"stream": "stdout"}, message="connected")),
+])
+def test_parse_cri(stamps, line, expected):
+    assert parse_cri(line, stamps) == expected
+
+
+@pytest.mark.parametrize("line", [
+    "", "2026-11-24T13:59:19Z stdout X text", "2026-11-24T13:59:19Z stdin F text",
+    "yesterday stdout F text", "2026-11-24T13:59:19Z stdout", "2026-11-24T13:59:19Z  stdout F x",
+    "2026-11-24T13:59:19Z stdout P:F x", "2026-11-24 13:59:19 stdout F x",
+    "Nov 24 13:59:19 web-01 app: x", "2026-11-24T13:59:19Z web-01 app[1]: x",
+])
+def test_parse_cri_rejects(stamps, line):
+    assert parse_cri(line, stamps) is None
+
+
 # make_pattern_parser #############################################################
 
 @pytest.mark.parametrize("regex,line,expected", [
@@ -3291,6 +3486,10 @@ JAVA_TRACE_LOG = [
     (JAVA_TRACE_LOG, "java"),   # log4j2's layout: thread and logger to fields (issue 14)
     (["11:32:56.655 [main] INFO  com.example.App - up"] + JAVA_TRACE_LOG[1:], "java"),
     ([journal(MESSAGE=f"m{n}") for n in range(5)], "journald"),
+    ([docker(f"line {n}\n") for n in range(5)], "docker"),
+    ([docker('{"level":"info","msg":"x"}\n')] * 5, "docker"),
+    (["2026-11-24T13:59:19.123456789Z stdout F plain text"] * 5, "cri"),
+    (['2026-11-24T13:59:19Z stdout F {"level":"info","msg":"x"}'] * 5, "cri"),
     (['level=info ts=2026-11-24T13:59:19.123Z caller=main.go:12 msg="x"'] * 5, "logfmt"),
     (['time="2026-11-24T13:59:19Z" level=info msg="text here" key=value'] * 5, "logfmt"),
     (["Nov 24 13:59:19.655353 web-01 sshd[123]: msg"] * 5, "syslog"),
@@ -3312,8 +3511,8 @@ def test_detect_format(stamps, lines, expected):
 
 
 def test_parser_tables():
-    assert set(PARSERS) == {"syslog", "rfc5424", "journald", "json", "logfmt", "clf", "app",
-                            "java"}
+    assert set(PARSERS) == {"syslog", "rfc5424", "journald", "json", "docker", "cri", "logfmt",
+                            "clf", "app", "java"}
     assert MULTILINE_FORMATS == {"syslog", "rfc5424", "app", "java"}
     assert set(lt.DETECT_ORDER) == set(PARSERS) - {"rfc5424"}
     assert set(lt.FORMATS) == set(lt.DETECT_ORDER) | {"auto", "plain"}
@@ -3336,6 +3535,9 @@ SAMPLES = [
     "Nov 24 13:59:19.655353 web-01 postfix/smtpd[99]: prog: warning: x",
     journal(SYSLOG_IDENTIFIER="sshd", _PID="4242", _TRANSPORT="stdout",
             MESSAGE=[108, 116, 58, 32, 101, 114, 114, 111, 114, 58, 32, 255]),
+    docker('{"level":"error","msg":"boom","pid":7,"host":"h"}\n', attrs={"tag": "web"}),
+    '2026-11-24T13:59:19.123456789Z stdout F time=2026-11-24T13:59:19Z level=info msg="a b" k=v',
+    "2026-11-24T13:59:19.123456789+01:00 stderr P 2026-11-24 13:59:19,123 [main] WARN c.e.A - x",
     'logger=settings t=2026-11-24T14:59:19.123+01:00 lvl=eror message="Starting" version=11',
     "11:32:56.655 [main] INFO  com.example.App - started",
     "2026-11-24 13:59:19.123 ERROR [pool-1 thread-2] com.example.App - failed",
