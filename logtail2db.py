@@ -52,6 +52,7 @@ import itertools
 import json
 import logging
 import marshal
+import operator
 import os
 import re
 import resource
@@ -1555,6 +1556,8 @@ class EntryBuilder:
             heads = [None] * len(lines)
         if fits and all(heads):
             rows.extend(self._feed_headers(lines, sizes, heads, offset))
+        elif fits and self.multiline and self.parse is not None:
+            rows.extend(self._feed_entries(lines, sizes, heads, offset))
         else:
             rows.extend(self._feed_lines(lines, texts, sizes, heads, offset))
         return rows
@@ -1573,6 +1576,40 @@ class EntryBuilder:
         rows.extend(map(self._one_line, offsets[:last], lines[:last], heads[:last]))
         self.held = ([offsets[last], heads[last], [lines[last]], sizes[last]]
                      if self.multiline else None)
+        return rows
+
+    def _feed_entries(self, lines, sizes, heads, offset) -> list:
+        """A multi-line format's chunk with continuation lines among its headers (most
+        chunks of a log with stack traces): the general loop's entries, each one-line
+        entry made at once, the loop only over the continuation lines."""
+        max_bytes, max_lines = self.options.max_entry_bytes, self.options.max_entry_lines
+        offsets = list(itertools.accumulate(sizes, initial=offset))
+        rows, held, start = [], self.held, 0
+        for cont in itertools.compress(itertools.count(), map(operator.not_, heads)):
+            if start < cont:    # headers start .. cont - 1: the last one is continued
+                if held is not None:
+                    rows.append(self._entry(*held[:3]))
+                last = cont - 1
+                rows.extend(map(self._one_line, offsets[start:last], lines[start:last],
+                                heads[start:last]))
+                held = [offsets[last], heads[last], [lines[last]], sizes[last]]
+            size = sizes[cont]
+            if held is not None and held[3] + size <= max_bytes and len(held[2]) < max_lines:
+                held[2].append(lines[cont])
+                held[3] += size
+            else:   # past the cap (or nothing to continue): the entry goes on as a new one
+                if held is not None:
+                    rows.append(self._entry(*held[:3]))
+                held = [offsets[cont], None, [lines[cont]], size]
+            start = cont + 1
+        if start < len(lines):
+            if held is not None:
+                rows.append(self._entry(*held[:3]))
+            last = len(lines) - 1
+            rows.extend(map(self._one_line, offsets[start:last], lines[start:last],
+                            heads[start:last]))
+            held = [offsets[last], heads[last], [lines[last]], sizes[last]]
+        self.held = held
         return rows
 
     def _feed_lines(self, lines, texts, sizes, heads, offset) -> list:

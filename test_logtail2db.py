@@ -1703,12 +1703,15 @@ def test_builder_groups_a_logback_stack_trace(stamps):
 
 
 class GeneralLoopOnly(lt.EntryBuilder):
-    """The builder with its two fast paths replaced by its general loop."""
+    """The builder with its fast paths replaced by its general loop."""
 
     def _feed_plain(self, lines, sizes, offset):
         return self._feed_lines(lines, lines, sizes, [None] * len(lines), offset)
 
     def _feed_headers(self, lines, sizes, heads, offset):
+        return self._feed_lines(lines, lines, sizes, heads, offset)
+
+    def _feed_entries(self, lines, sizes, heads, offset):
         return self._feed_lines(lines, lines, sizes, heads, offset)
 
 
@@ -1737,13 +1740,14 @@ def feed_in_chunks(builder, data: bytes, rng) -> list:
 def test_builder_fast_paths_store_what_the_general_loop_does(stamps, format, data):
     if data is None:
         data = syslog_backlog(3000, seed=3) if format == "syslog" else container_backlog(format)
-    options = lt.ParseOptions(format, None, None, 1 << 20, 500)
-    reference = GeneralLoopOnly(1, options, stamps, FullRows)
-    expected = reference.feed(data, 0) + reference.flush()
-    assert len(expected) > 100
-    for seed in range(8):
-        builder = lt.EntryBuilder(1, options, stamps, FullRows)
-        assert feed_in_chunks(builder, data, random.Random(seed)) == expected, seed
+    for max_bytes, max_lines in [(1 << 20, 500), (200, 3)]:    # and with entries capped
+        options = lt.ParseOptions(format, None, None, max_bytes, max_lines)
+        reference = GeneralLoopOnly(1, options, stamps, FullRows)
+        expected = reference.feed(data, 0) + reference.flush()
+        assert len(expected) > 100
+        for seed in range(8):
+            builder = lt.EntryBuilder(1, options, stamps, FullRows)
+            assert feed_in_chunks(builder, data, random.Random(seed)) == expected, seed
 
 
 def container_backlog(format: str, lines: int = 1500, seed: int = 4) -> bytes:
