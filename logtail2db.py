@@ -3895,9 +3895,11 @@ def build_parser() -> argparse.ArgumentParser:
     entries = parser.add_argument_group("entries")
     entries.add_argument("--format", default="auto", choices=FORMATS,
                          help="how lines are parsed: auto decides per file from its first lines; "
-                              "syslog (RFC 3164 and 5424), json (JSON lines), clf (web access "
-                              "logs), app ('timestamp LEVEL message' of application loggers), "
-                              "plain")
+                              "syslog (RFC 3164 and 5424, journalctl's short formats), journald "
+                              "(journalctl -o json), json (JSON lines), docker (Docker's "
+                              "json-file), cri (Kubernetes' /var/log/containers), logfmt, clf "
+                              "(web access logs), app ('timestamp LEVEL message' of application "
+                              "loggers), java (logback's and log4j2's default layouts), plain")
     entries.add_argument("--pattern", metavar="REGEX", type=pattern_parser,
                          help="parse lines with a Python regex instead: named groups ts, host, "
                               "program, pid, level, message fill those columns, any other goes "
