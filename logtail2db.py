@@ -52,6 +52,7 @@ import itertools
 import json
 import logging
 import marshal
+import operator
 import os
 import re
 import resource
@@ -115,7 +116,8 @@ RECEIVE_BYTES = 256 << 10       # bytes taken from the worker's socket at a time
 DEFAULT_EXCLUDES = ("*.gz", "*.bz2", "*.xz", "*.zst", "*.zip", "*.lz4", "*.Z")
 DB_SUFFIXES = (b"", b"-wal", b"-shm", b"-journal")
 SQLITE_MAGIC = b"SQLite format 3\x00"
-FORMATS = ("auto", "syslog", "json", "clf", "app", "plain")
+FORMATS = ("auto", "syslog", "journald", "json", "docker", "cri", "logfmt", "clf", "app", "java",
+           "plain")
 SCHEMA_VERSION = 3
 MIN_SQLITE = (3, 31)            # generated columns (entries.message)
 WAL_LIMIT_BYTES = 16 << 20      # the -wal file is truncated to this once readers let it be
@@ -609,6 +611,13 @@ LEVELS = {  # upper-cased level word or syslog severity digit -> level
     "EMERG": "emergency", "EMERGENCY": "emergency", "PANIC": "emergency",
     **{str(severity): name for severity, name in enumerate(SEVERITIES)},
 }
+# A message that states its level: "error: ...", "prog: warning: ..." (GNU error(), postfix,
+# sshd, our own stderr); the word as written in lower, title or upper case.
+STATED_LEVELS = {form: level for word, level in LEVELS.items() if word.isalpha()
+                 for form in (word, word.lower(), word.title())}
+# The first word (a letter first: most messages fail there, cheaply), and the second.
+STATED_PATTERN = r"([A-Za-z][^ :]{0,61}): (?:([^ :]{1,12}): )?"
+STATED_RE = re.compile(STATED_PATTERN)
 NUMBER_LEVELS = {  # JSON numbers: syslog severities 0..7, pino/bunyan levels 10..60
     **dict(enumerate(SEVERITIES)),
     10: "trace", 20: "debug", 30: "info", 40: "warning", 50: "error", 60: "critical",
@@ -669,7 +678,20 @@ APP_TAIL_RES = tuple(re.compile(pattern) for pattern in (
     r"[ \t]+(?P<logger>[^\s\]]+)\](?:[ \t]|$)",  # env_logger "[time LEVEL target] msg"
     r"[ \t]+-(?:[ \t]|$)|[ \t]*",  # Python cookbook "LEVEL - msg", or the message right away
 ))
+# Java's default layouts: logback's "%d{HH:mm:ss.SSS} [%thread] %-5level %logger{36} - %msg"
+# (log4j2's default too), and log4j2's "%d [%t] %-5level %c - %m" and "%d %-5level [%t] %c - %m".
+# logback's time has no date: Stamps.clock() dates it by the file.
+JAVA_RE = re.compile(rf"""
+    (?:(?P<date>{ISO_PATTERN})|(?P<clock>[0-9]{{2}}:[0-9]{{2}}:[0-9]{{2}}(?:[.,][0-9]{{1,9}})?))
+    [ ]+(?:\[(?P<thread>[^\]]*)\][ ]+(?P<level>{UPPER_LEVELS})
+          |(?P<level_first>{UPPER_LEVELS})[ ]+\[(?P<thread_after>[^\]]*)\])
+    [ ]+(?P<logger>[^\s\[\]]+)[ ]+-(?:[ ]|$)
+""", re.VERBOSE)
 LOGFMT_RE = re.compile(rf'([^\s="]+)=("{ESCAPED}"|\S*)')  # slog TextHandler, logrus
+LOGFMT_START_RE = re.compile(r'[^\s="]+=')   # a logfmt line begins with its first key
+LOGFMT_TIME_KEYS = ("time", "ts", "t")  # slog and logrus; go-kit, Prometheus, Loki; Grafana
+LOGFMT_LEVEL_KEYS = ("level", "lvl")
+LOGFMT_MESSAGE_KEYS = ("msg", "message")
 
 SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")  # "\ud800": JSON can spell lone surrogates
 TIME_KEYS = ("time", "timestamp", "ts", "@timestamp")
@@ -677,6 +699,12 @@ LEVEL_KEYS = ("level", "severity", "lvl", "levelname")
 MESSAGE_KEYS = ("msg", "message", "event")
 HOST_KEYS = ("host", "hostname")
 PROGRAM_KEYS = ("program", "app", "service")
+
+# journalctl -o json: every value is text; a value that is not UTF-8 is an array of its bytes,
+# a field given more than once an array of its values. The key journalctl always writes tells
+# an entry from other JSON.
+JOURNAL_TIME = "__REALTIME_TIMESTAMP"   # microseconds since the epoch, as decimal text
+JOURNAL_TIME_KEY = f'"{JOURNAL_TIME}":'
 
 
 def normalize_level(word: str) -> str | None:
@@ -717,6 +745,13 @@ def zone_minutes(zone: str) -> int:
     return -minutes if zone[0] == "-" else minutes
 
 
+def with_fraction(ts: str, fraction: str) -> str | None:
+    """ts with a fraction of a second (1 to 9 digits, cut to microseconds), or None."""
+    if 0 < len(fraction) < 10 and fraction.isascii() and fraction.isdigit():
+        return f"{ts}.{fraction.ljust(6, '0')[:6]}"
+    return None
+
+
 def remember(cache: dict, key, value):
     """Store value (unless None) under key, starting over when the cache is full; return it."""
     if value is not None:
@@ -742,15 +777,28 @@ class Stamps:
         self.iso_minutes = {}  # "2026-11-24T13:59" + zone as written
         self.clf_minutes = {}  # "24/Nov/2026:13:59 +0100"
         self.epoch_minutes = {}  # minutes since 1970
+        self.clock_minutes = {}  # "13:59", "13:59-" for the day before, on the reference day
         self.reference = None  # (year, month) of the file being parsed, local time
+        self.reference_days = None  # its (year, month, day) and the day before's
+        self.reference_clock = None  # its time of day, "HH:MM:SS"
         self.set_reference(time.time())
 
     def set_reference(self, mtime_s: float) -> None:
-        """Date year-less BSD timestamps by this file modification time."""
+        """Date year-less BSD timestamps and date-less times of day by this file
+        modification time."""
         local = time.localtime(mtime_s)
         if (local.tm_year, local.tm_mon) != self.reference:
             self.reference = (local.tm_year, local.tm_mon)
             self.bsd_minutes = {}
+        day = (local.tm_year, local.tm_mon, local.tm_mday)
+        if self.reference_days is None or day != self.reference_days[0]:
+            try:
+                before = datetime(*day) - timedelta(days=1)
+            except OverflowError:  # a file dated 1 January of year 1
+                before = datetime(*day)
+            self.reference_days = (day, (before.year, before.month, before.day))
+            self.clock_minutes = {}
+        self.reference_clock = f"{local.tm_hour:02d}:{local.tm_min:02d}:{local.tm_sec:02d}"
 
     def bsd(self, text: str) -> str | None:
         """'Nov 24 13:59:19' or 'Nov  4 03:05:09' (local time, year from the reference)."""
@@ -821,6 +869,31 @@ class Stamps:
                 return None
         return head + text[17:20]
 
+    def clock(self, text: str) -> str | None:
+        """'13:59:19.123', a time of day alone (logback's default layout): local time on the
+        reference day, or on the day before when it is later in the day than the reference,
+        since a line is written before its file's modification time (RFC 3164's rule for
+        the year, applied to the day)."""
+        second, rest = text[6:8], text[8:]
+        if (len(text) < 8 or text[2] != ":" or text[5] != ":" or len(second) != 2
+                or not "0" <= second[0] <= "5" or second[1] not in DIGITS):
+            return None
+        day_before = text[:8] > self.reference_clock
+        key = text[:5] + "-" if day_before else text[:5]
+        head = self.clock_minutes.get(key)
+        if head is None:
+            hour, minute = text[:2], text[3:5]
+            if not (hour + minute).isascii() or not (hour + minute).isdigit():
+                return None
+            day = self.reference_days[1 if day_before else 0]
+            head = remember(self.clock_minutes, key,
+                            utc_minute(*day, int(hour), int(minute)))
+            if head is None:
+                return None
+        if not rest:
+            return f"{head}:{second}"
+        return with_fraction(f"{head}:{second}", rest[1:]) if rest[0] in ".," else None
+
     def epoch(self, number) -> str | None:
         """Epoch seconds, or milli-, micro- or nanoseconds told apart by size."""
         if type(number) not in (int, float):  # bool is an int, but JSON true is not a time
@@ -831,15 +904,22 @@ class Stamps:
                 micros = number * 1_000_000 // 10**digits
             else:
                 micros = round(number * 10.0 ** (6 - digits))
-            minute, micros = divmod(micros, 60_000_000)
-            head = self.epoch_minutes.get(minute)
-            if head is None:
-                utc = EPOCH + timedelta(minutes=minute)
-                head = remember(self.epoch_minutes, minute, minute_text(utc))
-        except (ValueError, OverflowError):  # NaN, infinity, or past year 9999
+        except (ValueError, OverflowError):  # NaN or infinity
             return None
+        return self.micros(micros, bool(digits) or type(number) is float)
+
+    def micros(self, micros: int, fraction: bool = True) -> str | None:
+        """Microseconds since the epoch (journald's __REALTIME_TIMESTAMP)."""
+        minute, micros = divmod(micros, 60_000_000)
+        head = self.epoch_minutes.get(minute)
+        if head is None:
+            try:
+                utc = EPOCH + timedelta(minutes=minute)
+            except OverflowError:  # past year 9999
+                return None
+            head = remember(self.epoch_minutes, minute, minute_text(utc))
         second, micro = divmod(micros, 1_000_000)
-        if digits or type(number) is float:
+        if fraction:
             return f"{head}:{second:02d}.{micro:06d}"
         return f"{head}:{second:02d}"
 
@@ -850,6 +930,13 @@ def read_time(text: str, stamps: Stamps) -> str | None:
     if ts is None and EPOCH_TEXT_RE.fullmatch(text):
         ts = stamps.epoch(float(text) if "." in text else int(text))
     return ts
+
+
+def stated_level(message: str) -> str | None:
+    """The level a message states at its start ('error: disk full', 'logtail2db: warning:
+    ...'), or None; the words stay in the message."""
+    match = STATED_RE.match(message)
+    return None if match is None else STATED_LEVELS.get(match[1]) or STATED_LEVELS.get(match[2])
 
 
 def read_pri(line: str) -> tuple[str, str, int] | None:
@@ -920,7 +1007,12 @@ def _parse_syslog(line: str, stamps: Stamps) -> Parsed | None:
         fields = {"facility": facility}
     if line[start + 3:start + 4] == " " and line[start:start + 3] in MONTHS:
         host_at = start + 16
-        ts = stamps.bsd(line[start:host_at - 1]) if line[host_at - 1:host_at] == " " else None
+        ts = stamps.bsd(line[start:host_at - 1])
+        if line[host_at - 1:host_at] == "." and ts is not None:    # journalctl -o short-precise
+            host_at = line.find(" ", host_at) + 1
+            ts = with_fraction(ts, line[start + 16:host_at - 1]) if host_at else None
+        elif line[host_at - 1:host_at] != " ":
+            ts = None
     elif line[start:start + 1] in DIGITS:
         host_at = line.find(" ", start) + 1
         ts = stamps.iso(line[start:host_at - 1]) if host_at else None
@@ -933,35 +1025,39 @@ def _parse_syslog(line: str, stamps: Stamps) -> Parsed | None:
         return None
     tag, _, message = rest.partition(" ")
     if len(tag) < 2 or tag[-1] != ":":
-        return ts, host, None, None, level, fields, rest
+        return ts, host, None, None, level or stated_level(rest), fields, rest
     program, pid = tag[:-1], None
     if program[-1] == "]":
         name, _, number = program[:-1].rpartition("[")
         if name and number.isdecimal() and len(number) < 10:  # to_pid, inlined on the hot path
             program, pid = name, int(number)
-    return ts, host, program, pid, level, fields, message
+    return ts, host, program, pid, level or stated_level(message), fields, message
 
 
 # The usual shape of a syslog file's line, on the hot path of a catch-up; parse_syslog()
 # reads it exactly as its general code above would (a test holds the two to it).
+# Its lookahead reads the words stated_level() reads: in the regex that costs less than any
+# test in Python.
 SYSLOG_RE = re.compile(rf"(?:{MONTH_NAMES}) [ 0-9][0-9] [0-9]{{2}}:[0-9]{{2}}:[0-5][0-9] "
-                       r"([^ ]+) ([^ \[\]:]+)(?:\[([0-9]{1,9})\])?: ")
+                       rf"([^ ]+) ([^ \[\]:]+)(?:\[([0-9]{{1,9}})\])?: (?={STATED_PATTERN})?")
 
 
 def parse_syslog(line: str, stamps: Stamps) -> Parsed | None:
     """RFC 3164 as rsyslog and syslog-ng write files: 'Nov 24 13:59:19 host prog[pid]: msg'.
 
-    Also an RFC 3339 time in place of the BSD one, an optional '<PRI>' (giving level and
-    facility), and whole RFC 5424 lines. No 'tag:' after the host: program None and the message
-    is the rest ("last message repeated 3 times").
+    Also fractions of a second (journalctl -o short-precise), an RFC 3339 time in place of
+    the BSD one (-o short-iso), an optional '<PRI>' (giving level and facility), and whole
+    RFC 5424 lines. No 'tag:' after the host: program None and the message is the rest ("last
+    message repeated 3 times"). Without a PRI, a message stating its level gives it.
     """
     match = SYSLOG_RE.match(line)
     if match is not None:
         head = stamps.bsd_minutes.get(line[:12])
         ts = head + line[12:15] if head is not None else stamps.bsd(line[:15])
         if ts is not None:
-            host, program, pid = match.groups()
-            return ts, host, program, pid and int(pid), None, None, line[match.end():]
+            host, program, pid, first, second = match.groups()
+            level = first and (STATED_LEVELS.get(first) or STATED_LEVELS.get(second))
+            return ts, host, program, pid and int(pid), level, None, line[match.end():]
     return _parse_syslog(line, stamps)
 
 
@@ -1019,6 +1115,55 @@ def json_level(value) -> str | None:
     return NUMBER_LEVELS.get(value) if type(value) is int else None
 
 
+def journal_text(value) -> str | None:
+    """The text of a journal field's value: bad UTF-8 made U+FFFD, the first of several."""
+    if isinstance(value, list) and value and not all(type(item) is int for item in value):
+        value = value[0]
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(type(item) is int for item in value):
+        try:
+            return bytes(value).decode("utf-8", "replace")
+        except ValueError:  # a number that is no byte
+            return None
+    return None
+
+
+def journal_time(value, stamps: Stamps) -> str | None:
+    """UTC text for __REALTIME_TIMESTAMP, to the microsecond."""
+    if isinstance(value, str) and value.isascii() and value.isdecimal() and len(value) < 20:
+        return stamps.micros(int(value))
+    return None
+
+
+def journal_entry(obj: dict, line: str, stamps: Stamps) -> Parsed:
+    """The columns of a journal entry (a dict from journalctl -o json); the rest to fields."""
+    ts = pop_first(obj, (JOURNAL_TIME,), journal_time, stamps)
+    level = pop_first(obj, ("PRIORITY",), json_level)
+    message = pop_first(obj, ("MESSAGE",), journal_text)
+    if message is not None and obj.get("_TRANSPORT") == "stdout":
+        # A service's stdout and stderr get the unit's one priority (info unless set):
+        # the level its line states is the program's own.
+        level = stated_level(message) or level
+    host = pop_first(obj, ("_HOSTNAME",), journal_text)
+    program = pop_first(obj, ("SYSLOG_IDENTIFIER", "_COMM"), journal_text)
+    pid = pop_first(obj, ("_PID", "SYSLOG_PID"), to_pid)
+    return ts, host, program, pid, level, obj or None, line if message is None else message
+
+
+def parse_journald(line: str, stamps: Stamps) -> Parsed | None:
+    """journalctl -o json: one journal entry per line."""
+    if line[:1] != "{" or JOURNAL_TIME_KEY not in line:
+        return None
+    try:
+        obj = load_json(line)
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the decoder goes
+        return None
+    if not isinstance(obj, dict) or JOURNAL_TIME not in obj:
+        return None
+    return journal_entry(obj, line, stamps)
+
+
 # The columns' keys of JSON objects with the same keys in the same order (one program's lines):
 # key tuple -> (time, level, message, host, program, pid key or None, the other keys).
 JSON_PLANS = {}
@@ -1038,9 +1183,10 @@ def json_plan(keys: tuple) -> tuple:
 
 def parse_json(line: str, stamps: Stamps) -> Parsed | None:
     """One JSON object per line; keys not used for a column (or not usable) go to fields.
-    A column takes the first of its keys whose value it can use; when that is the first of
-    its keys present (nearly always), the plan for the line's keys says which, without a
-    search (see _parse_json for the rest)."""
+    A journal entry is read as parse_journald() reads it. Any other object: a column takes
+    the first of its keys whose value it can use; when that is the first of its keys present
+    (nearly always), the plan for the line's keys says which, without a search (see
+    _parse_json for the rest)."""
     if line[:1] != "{" and line.lstrip(JSON_SPACE)[:1] != "{":
         return None
     try:
@@ -1049,6 +1195,8 @@ def parse_json(line: str, stamps: Stamps) -> Parsed | None:
         return None
     if type(obj) is not dict:
         return None
+    if JOURNAL_TIME in obj:
+        return journal_entry(obj, line, stamps)
     keys = tuple(obj)
     plan = JSON_PLANS.get(keys) or json_plan(keys)
     time_key, level_key, message_key, host_key, program_key, pid_key, rest = plan
@@ -1131,29 +1279,37 @@ def unquote(value: str) -> str:
 
 
 def parse_logfmt(line: str, stamps: Stamps) -> Parsed | None:
-    """'time=... level=INFO msg="..." key=value' (Go slog TextHandler, logrus)."""
-    pairs = {key: unquote(value) for key, value in LOGFMT_RE.findall(line)}
-    ts = pop_first(pairs, ("time",), stamps.iso)
-    if ts is None:
+    """'time=... level=info msg="..." key=value' (Go slog TextHandler, logrus, go-kit as
+    Prometheus and Loki write it, Grafana): a line of key=value pairs with a time, a level
+    or a message among them; the other pairs go to fields."""
+    if LOGFMT_START_RE.match(line) is None:
         return None
-    level = pop_first(pairs, ("level",), normalize_level)
-    message = pairs.pop("msg", line)
-    return ts, None, None, None, level, pairs or None, message
+    pairs = {key: unquote(value) for key, value in LOGFMT_RE.findall(line)}
+    ts = pop_first(pairs, LOGFMT_TIME_KEYS, stamps.iso)
+    level = pop_first(pairs, LOGFMT_LEVEL_KEYS, normalize_level)
+    message = pop_first(pairs, LOGFMT_MESSAGE_KEYS, text_or_none)
+    if ts is None and level is None and message is None:
+        return None
+    return ts, None, None, None, level, pairs or None, line if message is None else message
 
 
 def parse_app(line: str, stamps: Stamps) -> Parsed | None:
     """'timestamp LEVEL rest' as application loggers write it; see APP_RE and APP_TAIL_RES.
 
     The logger name or target goes to program, Spring Boot's pid to pid, a thread or zap's
-    caller to fields. A line must begin with a timestamp, so stack-trace lines give None.
+    caller to fields; without a level word, one the message states ('prog: warning: ...').
+    A line must begin with a timestamp, or be logfmt with one, so stack-trace lines give None.
     """
-    if line.startswith("time="):
-        return parse_logfmt(line, stamps)
     head = APP_RE.match(line)
     if head is None:  # no level word: Go's log package, or just a timestamped line
         head = APP_TIME_RE.match(line)
-        ts = stamps.iso(head[1]) if head else None
-        return (ts, None, None, None, None, None, line[head.end():]) if ts else None
+        if head is None:
+            # Lines of go-kit ("level=info ts=...") among others begin entries of their own.
+            parsed = parse_logfmt(line, stamps)
+            return parsed if parsed is not None and parsed[0] is not None else None
+        ts = stamps.iso(head[1])
+        message = line[head.end():]
+        return (ts, None, None, None, stated_level(message), None, message) if ts else None
     ts = stamps.iso(head["ts"])
     if ts is None:
         return None
@@ -1168,6 +1324,97 @@ def parse_app(line: str, stamps: Stamps) -> Parsed | None:
         fields["caller"] = part["caller"]
     return (ts, None, part.get("logger") or head["logger"], to_pid(part.get("pid")),
             normalize_level(head["level"]), fields or None, line[tail.end():])
+
+
+def parse_java(line: str, stamps: Stamps) -> Parsed | None:
+    """Java's default layouts (see JAVA_RE): thread and logger to fields. A stack trace's
+    lines ("\\tat ...", "Caused by: ...", "\\t... 12 more") give None: they continue the
+    entry."""
+    match = JAVA_RE.match(line)
+    if match is None:
+        return None
+    ts = stamps.iso(match["date"]) if match["date"] else stamps.clock(match["clock"])
+    if ts is None:
+        return None
+    thread = match["thread"] if match["level"] else match["thread_after"]
+    return (ts, None, None, None, normalize_level(match["level"] or match["level_first"]),
+            {"thread": thread.strip(), "logger": match["logger"]}, line[match.end():])
+
+
+# Container runtimes write what a container prints with their own time and stream, one line
+# a line, a line longer than their buffer (Docker and containerd: 16 KiB) in pieces. A piece:
+# (ts, stream, text, partial: the next piece continues it, other fields of the runtime's).
+Piece = collections.namedtuple("Piece", "ts stream text partial extra")
+CRI_TAGS = {"F": False, "P": True}      # full line, or a partial piece of one
+CRI_STREAMS = frozenset({"stdout", "stderr"})
+
+
+def docker_piece(line: str, stamps: Stamps) -> Piece | None:
+    """A line of Docker's json-file driver: '{"log":"text\\n","stream":"stderr","time":...}';
+    a "log" without its final newline is a piece of a longer line."""
+    if not line.startswith('{"log":'):
+        return None
+    try:
+        obj = load_json(line)
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the decoder goes
+        return None
+    if not isinstance(obj, dict):
+        return None
+    text, stream, stamp = obj.pop("log", None), obj.pop("stream", None), obj.pop("time", None)
+    if not (isinstance(text, str) and isinstance(stream, str) and isinstance(stamp, str)):
+        return None
+    ts = stamps.iso(stamp)
+    if ts is None:
+        return None
+    partial = text[-1:] != "\n"
+    if not partial:
+        text = text[:-2] if text.endswith("\r\n") else text[:-1]
+    return Piece(ts, stream, text, partial, obj)
+
+
+def cri_piece(line: str, stamps: Stamps) -> Piece | None:
+    """A line of the CRI log format (containerd, CRI-O: /var/log/containers/*.log):
+    'TIME STREAM TAG text', TAG F for a full line, P for a piece that the next one continues."""
+    parts = line.split(" ", 3)
+    if len(parts) < 3 or parts[1] not in CRI_STREAMS or parts[2] not in CRI_TAGS:
+        return None
+    ts = stamps.iso(parts[0])
+    if ts is None:
+        return None
+    return Piece(ts, parts[1], parts[3] if len(parts) == 4 else "", CRI_TAGS[parts[2]], None)
+
+
+def container_entry(piece: Piece, stamps: Stamps) -> Parsed:
+    """The entry of a container's line (or of its pieces joined): the runtime's time and
+    stream, and what the line itself says when it is JSON, logfmt, a Java layout or an
+    application logger's. The time stays the runtime's: every line has it, in UTC, while the
+    application's own may have no zone, and a container's zone need not be the tailer's."""
+    text = piece.text
+    inner = parse_json(text, stamps) if text[:1] == "{" else (
+        parse_logfmt(text, stamps) or parse_java(text, stamps) or parse_app(text, stamps))
+    fields = {"stream": piece.stream}
+    if piece.extra:
+        fields.update(piece.extra)
+    if piece.partial:   # stored so only when the rest never came
+        fields["partial"] = True
+    if inner is None:
+        return piece.ts, None, None, None, stated_level(text), fields, text
+    _, host, program, pid, level, inner_fields, message = inner
+    if inner_fields:
+        fields = {**inner_fields, **fields}     # the runtime's stream wins over a key of the line's
+    return piece.ts, host, program, pid, level, fields, message
+
+
+def parse_docker(line: str, stamps: Stamps) -> Parsed | None:
+    """Docker's json-file log (/var/lib/docker/containers/*/*-json.log); see container_entry."""
+    piece = docker_piece(line, stamps)
+    return None if piece is None else container_entry(piece, stamps)
+
+
+def parse_cri(line: str, stamps: Stamps) -> Parsed | None:
+    """A CRI container log line (Kubernetes' /var/log/containers); see container_entry."""
+    piece = cri_piece(line, stamps)
+    return None if piece is None else container_entry(piece, stamps)
 
 
 def make_pattern_parser(regex: str):
@@ -1194,10 +1441,15 @@ def make_pattern_parser(regex: str):
     return parse_pattern
 
 
-PARSERS = {"syslog": parse_syslog, "rfc5424": parse_rfc5424, "json": parse_json,
-           "clf": parse_clf, "app": parse_app}
-MULTILINE_FORMATS = frozenset({"syslog", "rfc5424", "app"})  # entries begin with a header line
-DETECT_ORDER = ("json", "clf", "syslog", "app")  # ties go to the earlier, stricter format
+PARSERS = {"syslog": parse_syslog, "rfc5424": parse_rfc5424, "journald": parse_journald,
+           "json": parse_json, "clf": parse_clf, "logfmt": parse_logfmt, "app": parse_app,
+           "java": parse_java, "docker": parse_docker, "cri": parse_cri}
+MULTILINE_FORMATS = frozenset({"syslog", "rfc5424", "app", "java"})  # entries begin with a header
+PIECES = {"docker": docker_piece, "cri": cri_piece}  # formats whose long lines come in pieces
+# Ties go to the earlier, stricter format: a journal entry or a Docker line is JSON too, a CRI
+# line reads as RFC 3339 syslog (host "stdout") and as a level-less app line, logfmt and Java
+# layouts are app lines as well.
+DETECT_ORDER = ("journald", "docker", "json", "cri", "clf", "syslog", "logfmt", "java", "app")
 DETECT_LINES = 20  # non-empty lines sampled: enough to outvote a stack trace or two
 
 
@@ -1297,7 +1549,9 @@ class EntryBuilder:
     a piece of an over-long line (None for a whole entry).
     In a multi-line format the last entry is held back until the next entry begins
     or flush() is called, so that the offset committed (held_offset) never passes
-    an entry that is not stored yet.
+    an entry that is not stored yet. In a format whose long lines come in pieces
+    (Docker's, CRI's) a piece that the next line continues is held the same way, and
+    the pieces make one entry: raw their lines, message their texts joined.
     """
 
     def __init__(self, file_id: int, options: ParseOptions, stamps: Stamps, rows,
@@ -1311,6 +1565,7 @@ class EntryBuilder:
         self.format = None
         self.parse = None
         self.multiline = False
+        self.piece = None       # the format's reader of pieces (PIECES), if it has them
         if options.pattern is not None or options.format != "auto":
             self.set_format(options.format)     # what the user says wins over what was stored
         elif format is not None:
@@ -1322,6 +1577,8 @@ class EntryBuilder:
         self.format = format
         self.parse = self.options.pattern or PARSERS.get(format)
         self.multiline = self.options.multiline_start is not None or format in MULTILINE_FORMATS
+        # --multiline-start says what an entry is, in any format.
+        self.piece = PIECES.get(format) if self.options.multiline_start is None else None
 
     def held_offset(self, default: int) -> int:
         return self.held[0] if self.held is not None else default
@@ -1351,10 +1608,20 @@ class EntryBuilder:
             rows.extend(self._feed_plain(lines, sizes, offset))
             return rows
         texts = lines if all_text else [_readable(line) for line in lines]
-        heads = ([self.parse(text, self.stamps) for text in texts] if self.parse is not None
-                 else [None] * len(lines))
+        if self.piece is not None:
+            pieces = [self.piece(text, self.stamps) for text in texts]
+            heads = [piece and container_entry(piece, self.stamps) for piece in pieces]
+            if self.held is not None or any(piece and piece.partial for piece in pieces):
+                rows.extend(self._feed_pieces(lines, sizes, pieces, heads, offset))
+                return rows
+        elif self.parse is not None:
+            heads = [self.parse(text, self.stamps) for text in texts]
+        else:
+            heads = [None] * len(lines)
         if fits and all(heads):
             rows.extend(self._feed_headers(lines, sizes, heads, offset))
+        elif fits and self.multiline and self.parse is not None:
+            rows.extend(self._feed_entries(lines, sizes, heads, offset))
         else:
             rows.extend(self._feed_lines(lines, texts, sizes, heads, offset))
         return rows
@@ -1373,6 +1640,40 @@ class EntryBuilder:
         rows.extend(map(self._one_line, offsets[:last], lines[:last], heads[:last]))
         self.held = ([offsets[last], heads[last], [lines[last]], sizes[last]]
                      if self.multiline else None)
+        return rows
+
+    def _feed_entries(self, lines, sizes, heads, offset) -> list:
+        """A multi-line format's chunk with continuation lines among its headers (most
+        chunks of a log with stack traces): the general loop's entries, each one-line
+        entry made at once, the loop only over the continuation lines."""
+        max_bytes, max_lines = self.options.max_entry_bytes, self.options.max_entry_lines
+        offsets = list(itertools.accumulate(sizes, initial=offset))
+        rows, held, start = [], self.held, 0
+        for cont in itertools.compress(itertools.count(), map(operator.not_, heads)):
+            if start < cont:    # headers start .. cont - 1: the last one is continued
+                if held is not None:
+                    rows.append(self._entry(*held[:3]))
+                last = cont - 1
+                rows.extend(map(self._one_line, offsets[start:last], lines[start:last],
+                                heads[start:last]))
+                held = [offsets[last], heads[last], [lines[last]], sizes[last]]
+            size = sizes[cont]
+            if held is not None and held[3] + size <= max_bytes and len(held[2]) < max_lines:
+                held[2].append(lines[cont])
+                held[3] += size
+            else:   # past the cap (or nothing to continue): the entry goes on as a new one
+                if held is not None:
+                    rows.append(self._entry(*held[:3]))
+                held = [offsets[cont], None, [lines[cont]], size]
+            start = cont + 1
+        if start < len(lines):
+            if held is not None:
+                rows.append(self._entry(*held[:3]))
+            last = len(lines) - 1
+            rows.extend(map(self._one_line, offsets[start:last], lines[start:last],
+                            heads[start:last]))
+            held = [offsets[last], heads[last], [lines[last]], sizes[last]]
+        self.held = held
         return rows
 
     def _feed_lines(self, lines, texts, sizes, heads, offset) -> list:
@@ -1403,6 +1704,35 @@ class EntryBuilder:
         self.held = held
         return rows
 
+    def _feed_pieces(self, lines, sizes, pieces, heads, offset) -> list:
+        """Lines of a container's log with pieces of long lines among them (or the last
+        piece held): a partial piece continues into the next line of its stream."""
+        max_bytes, max_lines = self.options.max_entry_bytes, self.options.max_entry_lines
+        rows, held = [], self.held
+        for line, size, piece, parsed in zip(lines, sizes, pieces, heads):
+            # held[1] is the first piece's entry: its fields have the stream.
+            if (held is not None and piece is not None and piece.stream == held[1][5]["stream"]
+                    and held[3] + size <= max_bytes and len(held[2]) < max_lines):
+                held[2].append(line)
+                held[3] += size
+                offset += size
+                if not piece.partial:
+                    rows.append(self._entry(*held[:3]))
+                    held = None
+                continue
+            if held is not None:    # the rest never came, or past the cap: it goes on anew
+                rows.append(self._entry(*held[:3]))
+                held = None
+            if size > max_bytes:
+                rows.extend(self._pieces(line, offset))
+            elif piece is not None and piece.partial:
+                held = [offset, parsed, [line], size]
+            else:
+                rows.append(self._entry(offset, parsed, [line]))
+            offset += size
+        self.held = held
+        return rows
+
     def feed_piece(self, data: bytes, offset: int) -> list:
         """Rows for a piece of a line longer than max_entry_bytes (data has no newline)."""
         rows = self.flush()
@@ -1430,6 +1760,10 @@ class EntryBuilder:
 
     def _entry(self, offset, parsed, lines):
         raw = lines[0] if len(lines) == 1 else _joined(lines)
+        if len(lines) > 1 and self.piece is not None:
+            pieces = [self.piece(_readable(line), self.stamps) for line in lines]
+            if None not in pieces:  # as they were when joined; else they are lines
+                return self._joined_pieces(offset, pieces, raw)
         if parsed is None:
             message = None if type(raw) is str else _readable(raw)
             return self.rows.entry(self.file_id, offset, None, raw, message, 1, None)
@@ -1443,6 +1777,17 @@ class EntryBuilder:
             return self.rows.entry(self.file_id, offset, parsed, raw, None, at, None)
         if len(lines) > 1:
             message += "\n" + _readable(raw)[len(_readable(first)) + 1:]
+        return self.rows.entry(self.file_id, offset, parsed, raw, message, 1, None)
+
+    def _joined_pieces(self, offset, pieces, raw):
+        """_entry() of a line that came in pieces: one entry of the pieces' texts joined."""
+        parsed = container_entry(pieces[0]._replace(
+            text="".join(piece.text for piece in pieces), partial=pieces[-1].partial),
+            self.stamps)
+        message = parsed[6]
+        if type(raw) is str and raw.endswith(message):
+            return self.rows.entry(self.file_id, offset, parsed, raw, None,
+                                   len(raw) - len(message) + 1, None)
         return self.rows.entry(self.file_id, offset, parsed, raw, message, 1, None)
 
     def _pieces(self, line, offset):
@@ -3738,9 +4083,11 @@ def build_parser() -> argparse.ArgumentParser:
     entries = parser.add_argument_group("entries")
     entries.add_argument("--format", default="auto", choices=FORMATS,
                          help="how lines are parsed: auto decides per file from its first lines; "
-                              "syslog (RFC 3164 and 5424), json (JSON lines), clf (web access "
-                              "logs), app ('timestamp LEVEL message' of application loggers), "
-                              "plain")
+                              "syslog (RFC 3164 and 5424, journalctl's short formats), journald "
+                              "(journalctl -o json), json (JSON lines), docker (Docker's "
+                              "json-file), cri (Kubernetes' /var/log/containers), logfmt, clf "
+                              "(web access logs), app ('timestamp LEVEL message' of application "
+                              "loggers), java (logback's and log4j2's default layouts), plain")
     entries.add_argument("--pattern", metavar="REGEX", type=pattern_parser,
                          help="parse lines with a Python regex instead: named groups ts, host, "
                               "program, pid, level, message fill those columns, any other goes "

@@ -27,8 +27,9 @@ import pytest
 import logtail2db as lt
 from logtail2db import (
     CACHE_MINUTES, MULTILINE_FORMATS, PARSERS, Parsed, Stamps, detect_format,
-    make_pattern_parser, normalize_level, parse_app, parse_clf, parse_json, parse_rfc5424,
-    parse_syslog,
+    make_pattern_parser, normalize_level, parse_app, parse_clf, parse_cri, parse_docker,
+    parse_java, parse_journald, parse_json, parse_logfmt, parse_rfc5424, parse_syslog,
+    stated_level,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -1650,13 +1651,92 @@ def test_quoted_at_finds_a_message_that_is_a_quoted_value(line, message, at):
         assert message_of((None,) * 8 + (line, None, at)) == message
 
 
+def test_builder_joins_docker_pieces_into_one_entry(stamps):
+    lines = [docker("a" * 16384), docker("b" * 16384), docker("c\n"), docker("next\n")]
+    data = "".join(line + "\n" for line in lines).encode()
+    cut = len(lines[0]) + len(lines[1]) + 2
+    builder, rows = build(data[:cut], format="docker", stamps=stamps)
+    assert rows == [] and builder.held_offset(cut) == 0     # the offset waits for the rest
+    rows = builder.feed(data[cut:], cut)
+    assert [(r[1], r[2], r[7], r[8], r[9]) for r in rows] == [
+        (0, TS + ".123456", '{"stream":"stdout"}', "\n".join(lines[:3]),
+         "a" * 16384 + "b" * 16384 + "c"),
+        (len(data) - len(lines[3]) - 1, TS + ".123456", '{"stream":"stdout"}', lines[3], "next")]
+    assert builder.flush() == []
+
+
+def test_builder_reads_a_cri_line_once_its_pieces_are_joined(stamps):
+    text = '{"level":"error","msg":"' + "x" * 100 + '","user":7}'
+    lines = [f"2026-11-24T13:59:19.{n}Z stdout {tag} {text[start:start + 60]}"
+             for n, (tag, start) in enumerate([("P", 0), ("P", 60), ("F", 120)], 1)]
+    lines.append("2026-11-24T13:59:20Z stdout F after")
+    builder, rows = build("".join(line + "\n" for line in lines).encode(), format="cri",
+                          stamps=stamps)
+    assert [(r[1], r[2], r[6], r[7], r[8], r[9]) for r in rows] == [
+        (0, TS + ".100000", "error", '{"user":7,"stream":"stdout"}', "\n".join(lines[:3]),
+         "x" * 100),
+        (sum(len(line) + 1 for line in lines[:3]), "2026-11-24 13:59:20", None,
+         '{"stream":"stdout"}', lines[3], None)]
+
+
+def test_builder_stores_a_piece_whose_rest_never_came(stamps):
+    lines = ["2026-11-24T13:59:19Z stdout P cut", "2026-11-24T13:59:19Z stderr F other stream",
+             "2026-11-24T13:59:19Z stdout F its own", "2026-11-24T13:59:19Z stdout P last"]
+    builder, rows = build("".join(line + "\n" for line in lines).encode(), format="cri",
+                          stamps=stamps)
+    rows += builder.flush()
+    assert [(r[7], r[8], r[9]) for r in rows] == [
+        ('{"stream":"stdout","partial":true}', lines[0], None),
+        ('{"stream":"stderr"}', lines[1], None),
+        ('{"stream":"stdout"}', lines[2], None),
+        ('{"stream":"stdout","partial":true}', lines[3], None)]
+
+
+def test_builder_caps_joined_pieces_and_goes_on_as_a_new_entry(stamps):
+    lines = [f"2026-11-24T13:59:19Z stdout P {n}" for n in range(5)]
+    lines.append("2026-11-24T13:59:19Z stdout F end")
+    builder, rows = build("".join(line + "\n" for line in lines).encode(), format="cri",
+                          max_entry_lines=4, stamps=stamps)
+    assert [(r[8].count("\n") + 1, r[9] or r[8][r[10] - 1:]) for r in rows] == [
+        (4, "0123"), (2, "4end")]
+
+
+def test_builder_app_file_logfmt_lines_begin_entries(stamps):
+    # An app file where go-kit lines follow slog's: each is an entry, none a continuation.
+    data = (b'time=2026-11-24T13:59:19Z level=INFO msg="slog one"\n'
+            b'time=2026-11-24T13:59:20Z level=INFO msg="slog two"\n'
+            + b"".join(b'level=info ts=2026-11-24T13:59:%02dZ caller=main.go:12 msg="kit %d"\n'
+                       % (21 + n, n) for n in range(10)))
+    builder, rows = build(data, format="app", stamps=stamps)
+    rows += builder.flush()
+    assert [(r[6], message_of(r)) for r in rows] == [("info", "slog one"), ("info", "slog two")] + [
+        ("info", f"kit {n}") for n in range(10)]
+
+
+def test_builder_groups_a_logback_stack_trace(stamps):
+    data = (b"11:32:56.655 [main] ERROR com.example.App - boom\n" + JAVA.split(b"\n", 1)[1]
+            + b"11:32:57.001 [main] INFO  com.example.App - retrying\n")
+    builder, rows = build(data, format="auto", stamps=stamps)
+    rows += builder.flush()
+    assert builder.format == "java"
+    assert [r[8].count("\n") + 1 for r in rows] == [7, 1]
+    fields = '{"thread":"main","logger":"com.example.App"}'
+    assert [(r[2], r[4], r[6], r[7]) for r in rows] == [
+        ("2026-11-24 11:32:56.655000", None, "error", fields),
+        ("2026-11-24 11:32:57.001000", None, "info", fields)]
+    assert rows[0][8][rows[0][10] - 1:] == "boom\n" + JAVA.split(b"\n", 1)[1][:-1].decode()
+
+
 class GeneralLoopOnly(lt.EntryBuilder):
-    """The builder with its two fast paths replaced by its general loop."""
+    """The builder with its fast paths replaced by its general loop."""
 
     def _feed_plain(self, lines, sizes, offset):
         return self._feed_lines(lines, lines, sizes, [None] * len(lines), offset)
 
     def _feed_headers(self, lines, sizes, heads, offset):
+        return self._feed_lines(lines, lines, sizes, heads, offset)
+
+    def _feed_entries(self, lines, sizes, heads, offset):
         return self._feed_lines(lines, lines, sizes, heads, offset)
 
 
@@ -1677,17 +1757,45 @@ def feed_in_chunks(builder, data: bytes, rng) -> list:
              "vu\n".encode() + b"bad \xff byte\n") * 40),
     ("plain", b"".join(b"line %d\n" % n + (b"caf\xc3\xa9\n" if n % 9 == 0 else b"")
                        for n in range(2000))),
+    ("java", (b"11:32:56.655 [main] ERROR com.example.App - boom\n" + JAVA.split(b"\n", 1)[1]
+              + b"2026-11-24 13:59:22,000 INFO [main] c.e.App - after\n") * 60),
+    ("docker", None),       # container_backlog(): pieces across chunks, both streams, odd lines
+    ("cri", None),
 ])
 def test_builder_fast_paths_store_what_the_general_loop_does(stamps, format, data):
     if data is None:
-        data = syslog_backlog(3000, seed=3)
-    options = lt.ParseOptions(format, None, None, 1 << 20, 500)
-    reference = GeneralLoopOnly(1, options, stamps, FullRows)
-    expected = reference.feed(data, 0) + reference.flush()
-    assert len(expected) > 100
-    for seed in range(8):
-        builder = lt.EntryBuilder(1, options, stamps, FullRows)
-        assert feed_in_chunks(builder, data, random.Random(seed)) == expected, seed
+        data = syslog_backlog(3000, seed=3) if format == "syslog" else container_backlog(format)
+    for max_bytes, max_lines in [(1 << 20, 500), (200, 3)]:    # and with entries capped
+        options = lt.ParseOptions(format, None, None, max_bytes, max_lines)
+        reference = GeneralLoopOnly(1, options, stamps, FullRows)
+        expected = reference.feed(data, 0) + reference.flush()
+        assert len(expected) > 100
+        for seed in range(8):
+            builder = lt.EntryBuilder(1, options, stamps, FullRows)
+            assert feed_in_chunks(builder, data, random.Random(seed)) == expected, seed
+
+
+def container_backlog(format: str, lines: int = 1500, seed: int = 4) -> bytes:
+    """A Docker or CRI log: lines of both streams, a few long ones in pieces (the pieces of
+    one sometimes cut by the other stream's), lines that are not the format's."""
+    rng = random.Random(seed)
+    out = []
+    for n in range(lines):
+        stream = "stderr" if rng.random() < 0.2 else "stdout"
+        kind = rng.random()
+        text = (f'{{"level":"warn","msg":"request {n}","took_ms":{n % 97}}}' if kind < 0.3
+                else f"2026-11-24 13:59:19,{n % 1000:03d} ERROR app.web: failed {n}" if kind < 0.4
+                else f"plain line {n} caf\u00e9")
+        pieces = [text[i:i + 7] for i in range(0, len(text), 7)] if rng.random() < 0.1 else [text]
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            if format == "docker":
+                out.append(docker(piece + "\n" if last else piece, stream))
+            else:
+                out.append(f"2026-11-24T13:59:19.{n:09d}Z {stream} {'F' if last else 'P'} {piece}")
+            if rng.random() < 0.02:
+                out.append("not a container line")
+    return "".join(line + "\n" for line in out).encode()
 
 
 def test_stack_trace_is_one_entry_held_until_quiet(tailer, logdir, db):
@@ -1925,6 +2033,134 @@ def test_bad_pattern_is_a_usage_error(logdir, db):
     result = run_once("--pattern", "(unclosed", logdir, db)
     assert result.returncode == 2
     assert b"not a valid regular expression" in result.stderr
+
+
+def once_in_utc(logdir, db, *args):
+    """run_once with TZ=UTC, for files whose times have no zone."""
+    result = subprocess.run([sys.executable, TOOL, "--once", *args, str(logdir), str(db)],
+                            capture_output=True, env={**os.environ, "TZ": "UTC"}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+COLUMNS = "SELECT ts, host, program, pid, level, message, fields FROM entries ORDER BY id"
+
+
+def test_journald_export_fills_columns(logdir, db):
+    lines = [journal(SYSLOG_IDENTIFIER="sshd", _PID="4242", MESSAGE="Accepted publickey"),
+             journal(_COMM="kworker", PRIORITY="3", MESSAGE=[98, 97, 100, 32, 255]),
+             journal(SYSLOG_IDENTIFIER="logtail2db", _TRANSPORT="stdout",
+                     MESSAGE="logtail2db: warning: skipping x")]
+    (logdir / "journal.json").write_text("".join(line + "\n" for line in lines))
+    assert run_once(logdir, db).returncode == 0
+    rows = query(db, COLUMNS)
+    assert [row[:6] for row in rows] == [
+        (TS + ".123456", "web-01", "sshd", 4242, "info", "Accepted publickey"),
+        (TS + ".123456", "web-01", "kworker", None, "error", "bad \ufffd"),
+        (TS + ".123456", "web-01", "logtail2db", None, "warning",
+         "logtail2db: warning: skipping x")]
+    assert json.loads(rows[0][6]) == JOURNAL_FIELDS
+    assert raws(db) == [line.encode() for line in lines]
+    assert query(db, "SELECT format FROM files") == [("journald",)]
+
+
+def test_journalctl_short_precise_and_iso_keep_fractions(logdir, db):
+    (logdir / "precise.log").write_bytes(
+        b"Dec 02 11:32:56.655353 web-01 sshd[123]: Accepted publickey\n"
+        b"Dec 02 11:32:57.000001 web-01 postfix/smtpd[9]: warning: hostname x unknown\n")
+    (logdir / "iso.log").write_bytes(
+        b"2026-12-02T12:32:58.655353+01:00 web-01 sshd[123]: precise\n"
+        b"2026-12-02T12:32:59+0100 web-01 sshd[123]: error: short-iso\n")
+    for name in ("precise.log", "iso.log"):
+        os.utime(logdir / name, (DEC_2_2026, DEC_2_2026))
+    once_in_utc(logdir, db)
+    assert sorted(query(db, "SELECT ts, host, program, pid, level, message FROM entries")) == [
+        ("2026-12-02 11:32:56.655353", "web-01", "sshd", 123, None, "Accepted publickey"),
+        ("2026-12-02 11:32:57.000001", "web-01", "postfix/smtpd", 9, "warning",
+         "warning: hostname x unknown"),
+        ("2026-12-02 11:32:58.655353", "web-01", "sshd", 123, None, "precise"),
+        ("2026-12-02 11:32:59", "web-01", "sshd", 123, "error", "error: short-iso")]
+    assert query(db, "SELECT DISTINCT format FROM files") == [("syslog",)]
+
+
+def test_docker_json_file_joins_split_lines(logdir, db):
+    lines = [docker("starting\n"), docker("x" * 16384), docker("y" * 100 + "\n"),
+             docker('{"level":"error","msg":"boom","user":7}\n', "stderr")]
+    data = "".join(line + "\n" for line in lines).encode()
+    (logdir / "abc-json.log").write_bytes(data)
+    assert run_once(logdir, db).returncode == 0
+    assert query(db, "SELECT ts, level, message, fields FROM entries ORDER BY id") == [
+        (TS + ".123456", None, "starting", '{"stream":"stdout"}'),
+        (TS + ".123456", None, "x" * 16384 + "y" * 100, '{"stream":"stdout"}'),
+        (TS + ".123456", "error", "boom", '{"user":7,"stream":"stderr"}')]
+    assert raws(db) == [lines[0].encode(), (lines[1] + "\n" + lines[2]).encode(),
+                        lines[3].encode()]
+    assert query(db, "SELECT format, offset FROM files") == [("docker", len(data))]
+
+
+def test_cri_log_joins_partial_pieces_and_reads_what_the_container_wrote(logdir, db):
+    lines = ["2026-11-24T13:59:19.000000001Z stdout F plain start",
+             '2026-11-24T13:59:19.123456789Z stdout P {"level":"warn","msg":"ha',
+             '2026-11-24T13:59:19.123456790Z stdout P lf and',
+             '2026-11-24T13:59:19.123456791Z stdout F  half","k":1}',
+             '2026-11-24T13:59:20Z stderr F level=error ts=2026-11-24T13:59:20Z msg="x y"']
+    (logdir / "web_default_app-0123.log").write_text("".join(line + "\n" for line in lines))
+    assert run_once(logdir, db).returncode == 0
+    assert query(db, "SELECT ts, level, message, fields FROM entries ORDER BY id") == [
+        (TS + ".000000", None, "plain start", '{"stream":"stdout"}'),
+        (TS + ".123456", "warning", "half and half", '{"k":1,"stream":"stdout"}'),
+        ("2026-11-24 13:59:20", "error", "x y", '{"stream":"stderr"}')]
+    assert raws(db) == [lines[0].encode(), "\n".join(lines[1:4]).encode(), lines[4].encode()]
+    assert query(db, "SELECT format FROM files") == [("cri",)]
+
+
+def test_logfmt_file_fills_columns(logdir, db):
+    (logdir / "loki.log").write_bytes(
+        b'level=info ts=2026-11-24T13:59:19.123Z caller=main.go:12 msg="Starting Loki" v=3\n'
+        b'level=warn ts=2026-11-24T13:59:20Z caller=ring.go:40 msg="ring not ready"\n'
+        b'time="2026-11-24T13:59:21Z" level=error msg="text here" key=value\n')
+    assert run_once(logdir, db).returncode == 0
+    assert query(db, "SELECT ts, level, message, fields FROM entries ORDER BY id") == [
+        (TS + ".123000", "info", "Starting Loki", '{"caller":"main.go:12","v":"3"}'),
+        ("2026-11-24 13:59:20", "warning", "ring not ready", '{"caller":"ring.go:40"}'),
+        ("2026-11-24 13:59:21", "error", "text here", '{"key":"value"}')]
+    assert query(db, "SELECT format FROM files") == [("logfmt",)]
+
+
+def test_logback_default_is_dated_by_the_file_and_keeps_its_stack_traces(logdir, db):
+    trace = JAVA.split(b"\n", 1)[1]
+    log = logdir / "app.log"
+    log.write_bytes(b"23:59:58.100 [main] INFO  com.example.App - before midnight\n"
+                    b"11:32:56.655 [main] ERROR com.example.App - boom\n" + trace
+                    + b"11:33:00.001 [worker-1] WARN  c.e.Job - slow\n")
+    os.utime(log, (DEC_2_2026, DEC_2_2026))
+    once_in_utc(logdir, db)
+    assert query(db, "SELECT ts, program, level, fields FROM entries ORDER BY id") == [
+        ("2026-12-01 23:59:58.100000", None, "info",
+         '{"thread":"main","logger":"com.example.App"}'),
+        ("2026-12-02 11:32:56.655000", None, "error",
+         '{"thread":"main","logger":"com.example.App"}'),
+        ("2026-12-02 11:33:00.001000", None, "warning", '{"thread":"worker-1","logger":"c.e.Job"}')]
+    assert raws(db)[1] == b"11:32:56.655 [main] ERROR com.example.App - boom\n" + trace[:-1]
+    assert query(db, "SELECT format FROM files") == [("java",)]
+
+
+def test_messages_that_state_their_level_fill_it(logdir, db):
+    (logdir / "logtail2db.err").write_bytes(
+        b"2026-11-24 13:59:19 logtail2db: info: watching /var/log/app\n"
+        b"2026-11-24 13:59:20 logtail2db: warning: skipping x: Permission denied\n"
+        b"2026-11-24 13:59:21 logtail2db: error: database is locked; retrying\n")
+    (logdir / "syslog").write_bytes(
+        b"Nov 24 13:59:19 mx postfix/smtpd[99]: warning: hostname x does not resolve\n"
+        b"Nov 24 13:59:19 web-01 sshd[7]: error: kex_exchange_identification: closed\n"
+        b"Nov 24 13:59:19 web-01 python3[8]: logtail2db: warning: skipping y\n"
+        b"Nov 24 13:59:19 web-01 kernel: eth0: link up\n")
+    os.utime(logdir / "syslog", (NOV_2026, NOV_2026))
+    once_in_utc(logdir, db)
+    assert query(db, "SELECT f.format, e.level FROM entries e JOIN files f ON f.id = e.file_id "
+                     "ORDER BY f.path, e.id") == [
+        ("app", "info"), ("app", "warning"), ("app", "error"),
+        ("syslog", "warning"), ("syslog", "error"), ("syslog", "warning"), ("syslog", None)]
 
 
 
@@ -2514,6 +2750,83 @@ def test_minute_caches_stay_bounded(stamps):
     assert stamps.epoch(EPOCH_S) == TS
 
 
+DEC_2_2026 = calendar.timegm((2026, 12, 2, 11, 40, 0))  # a logback file last written then
+
+
+@pytest.mark.parametrize("zone,mtime_s,text,expected", [
+    ("UTC", DEC_2_2026, "11:32:56.655", "2026-12-02 11:32:56.655000"),
+    ("UTC", DEC_2_2026, "11:32:56,655", "2026-12-02 11:32:56.655000"),
+    ("UTC", DEC_2_2026, "11:32:56", "2026-12-02 11:32:56"),
+    ("UTC", DEC_2_2026, "11:32:56.655353123", "2026-12-02 11:32:56.655353"),
+    ("UTC", DEC_2_2026, "11:40:00.999", "2026-12-02 11:40:00.999000"),  # the mtime's second
+    ("UTC", DEC_2_2026, "11:40:01.000", "2026-12-01 11:40:01.000000"),  # later: the day before
+    ("UTC", DEC_2_2026, "23:59:59.999", "2026-12-01 23:59:59.999000"),
+    ("UTC", DEC_2_2026, "00:00:00.000", "2026-12-02 00:00:00.000000"),
+    ("UTC", calendar.timegm((2027, 1, 1, 0, 5, 0)), "23:59:00", "2026-12-31 23:59:00"),
+    ("UTC", calendar.timegm((2026, 3, 1, 0, 5, 0)), "23:59:00", "2026-02-28 23:59:00"),
+    # 00:30 in Berlin is 23:30 UTC the day before: the reference is local time.
+    ("Europe/Berlin", calendar.timegm((2026, 12, 1, 23, 30, 0)), "00:10:00.000",
+     "2026-12-01 23:10:00.000000"),
+    ("Europe/Berlin", calendar.timegm((2026, 12, 1, 23, 30, 0)), "23:50:00.000",
+     "2026-12-01 22:50:00.000000"),
+    ("Europe/Berlin", calendar.timegm((2026, 7, 14, 12, 0, 0)), "13:59:19", "2026-07-14 11:59:19"),
+])
+def test_clock_is_local_time_on_the_reference_day(set_zone, zone, mtime_s, text, expected):
+    set_zone(zone)
+    assert stamps_for(mtime_s).clock(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "", "11:32", "11:32:5", "11:32:56.", "11:32:56,", "11:32:56.1234567890", "11:32:56x",
+    "11:32:56 ", "24:00:00", "11:60:00", "11:32:60", "1:32:56.1", "11-32-56", "11:3x:56",
+    "\u0661\u0661:32:56", "11:32:5\u00b2",
+])
+def test_clock_rejects(stamps, text):
+    stamps.clock("11:32:00")     # a cached minute checks the rest just as well
+    assert stamps.clock(text) is None
+
+
+def test_clock_follows_the_reference_day(set_zone):
+    set_zone("UTC")
+    stamps = stamps_for(DEC_2_2026)
+    assert stamps.clock("11:32:56") == "2026-12-02 11:32:56"
+    stamps.set_reference(DEC_2_2026 + 86400)
+    assert stamps.clock("11:32:56") == "2026-12-03 11:32:56"
+    stamps.set_reference(DEC_2_2026 - 3600)     # 10:40: 11:32 was the day before
+    assert stamps.clock("11:32:56") == "2026-12-01 11:32:56"
+
+
+@pytest.mark.parametrize("micros,expected", [
+    (EPOCH_S * 1_000_000 + 123456, TS + ".123456"),
+    (EPOCH_S * 1_000_000, TS + ".000000"),
+    (0, "1970-01-01 00:00:00.000000"),
+    (123, "1970-01-01 00:00:00.000123"),      # epoch() would read this small number as seconds
+    (10**20, None),
+])
+def test_micros(stamps, micros, expected):
+    assert stamps.micros(micros) == expected
+
+
+# stated_level ####################################################################
+
+@pytest.mark.parametrize("message,expected", [
+    ("error: disk full", "error"), ("Error: disk full", "error"), ("ERROR: disk full", "error"),
+    ("warning: hostname x does not resolve", "warning"), ("warn: x", "warning"),
+    ("fatal: no such table", "critical"), ("panic: x", "emergency"), ("info: x", "info"),
+    ("Notice: x", "notice"), ("debug: x", "debug"), ("error: ", "error"),
+    ("logtail2db: warning: skipping x: Permission denied", "warning"),
+    ("rsync: error: some files could not be transferred", "error"),
+    ("postfix/smtpd: fatal: x", "critical"),
+    ("disk: 91% full", None), ("errors: 3", None), ("eRRor: x", None), ("error:x", None),
+    ("error", None), ("error opening config", None), ("3: x", None), (": error: x", None),
+    ("a b: error: x", None), ("prog: errors: x", None), ("prog: x: error: y", None),
+    ("pam_unix(sshd:session): session opened for user alice", None),
+    ("x" * 63 + ": error: y", None), ("/usr/sbin/cron: error: x", None), ("", None),
+])
+def test_stated_level(message, expected):
+    assert stated_level(message) == expected
+
+
 # parse_syslog ####################################################################
 
 @pytest.mark.parametrize("line,expected", [
@@ -2538,8 +2851,31 @@ def test_minute_caches_stay_bounded(stamps):
            message="pam_unix(systemd-user:session): session closed")),
     ("Nov 24 13:59:19 web-01 sudo:    alice : TTY=pts/0 ; COMMAND=/bin/ls",
      entry(host="web-01", program="sudo", message="   alice : TTY=pts/0 ; COMMAND=/bin/ls")),
-    ("Nov 24 13:59:19 web-01 app[5]: error: disk full",
-     entry(host="web-01", program="app", pid=5, message="error: disk full")),
+    ("Nov 24 13:59:19 web-01 app[5]: error: disk full",  # the level the message states
+     entry(host="web-01", program="app", pid=5, level="error", message="error: disk full")),
+    ("Nov 24 13:59:19 mx postfix/smtpd[99]: warning: hostname x does not resolve",
+     entry(host="mx", program="postfix/smtpd", pid=99, level="warning",
+           message="warning: hostname x does not resolve")),
+    ("Nov 24 13:59:19 web-01 python3[7]: logtail2db: warning: skipping x",  # ours, via journald
+     entry(host="web-01", program="python3", pid=7, level="warning",
+           message="logtail2db: warning: skipping x")),
+    ("Nov 24 13:59:19 web-01 app: errors: 3", entry(host="web-01", program="app",
+                                                    message="errors: 3")),
+    ("<14>Nov 24 13:59:19 web-01 app: error: x",  # the PRI's level comes first
+     entry(host="web-01", program="app", level="info", fields={"facility": "user"},
+           message="error: x")),
+    # journalctl -o short-precise, -o short-iso, -o short-iso-precise
+    ("Nov 24 13:59:19.655353 web-01 sshd[123]: msg",
+     entry(ts=TS + ".655353", host="web-01", program="sshd", pid=123, message="msg")),
+    ("Nov 24 13:59:19.5 web-01 sshd[123]: fatal: x",
+     entry(ts=TS + ".500000", host="web-01", program="sshd", pid=123, level="critical",
+           message="fatal: x")),
+    ("Nov 24 13:59:19.123456789 web-01 sshd[123]: msg",
+     entry(ts=TS + ".123456", host="web-01", program="sshd", pid=123, message="msg")),
+    ("2026-11-24T14:59:19+0100 web-01 sshd[123]: msg",
+     entry(host="web-01", program="sshd", pid=123, message="msg")),
+    ("2026-11-24T14:59:19.655353+01:00 web-01 sshd[123]: msg",
+     entry(ts=TS + ".655353", host="web-01", program="sshd", pid=123, message="msg")),
     ("Nov 24 13:59:19 web-01 foo[abc]: odd pid",
      entry(host="web-01", program="foo[abc]", message="odd pid")),
     ("Nov 24 13:59:19 web-01 prog:", entry(host="web-01", program="prog")),
@@ -2584,6 +2920,9 @@ def test_parse_syslog(stamps, line, expected):
     "<034>Nov 24 13:59:19 web-01 p: m", "<34>garbage", "<165>1 garbage",
     "2026-11-24 13:59:19 web-01 p: m", "12345 something", "Mon Nov 24 13:59:19 2026 foo",
     "2026-11-24T13:59:19Z", "\ufffd\ufffd\ufffd",
+    "Nov 24 13:59:19. web-01 p: m", "Nov 24 13:59:19.1234567890 web-01 p: m",
+    "Nov 24 13:59:19.12a web-01 p: m", "Nov 24 13:59:19.5", "Nov 24 13:59:19.5 ",
+    "Nov 24 13:59:19,5 web-01 p: m", "Nov 24 13:59:60.5 web-01 p: m",
 ])
 def test_parse_syslog_rejects(stamps, line):
     assert parse_syslog(line, stamps) is None
@@ -2639,6 +2978,81 @@ def test_parse_rfc5424(stamps, line, expected):
 ])
 def test_parse_rfc5424_rejects(stamps, line):
     assert parse_rfc5424(line, stamps) is None
+
+
+# parse_journald ##################################################################
+
+MICROS = str(EPOCH_S * 1_000_000 + 123456)
+
+
+def journal(**keys):
+    """A line of journalctl -o json: its usual keys, then these."""
+    obj = {"__CURSOR": "s=0c3e;i=1f2", "__REALTIME_TIMESTAMP": MICROS,
+           "__MONOTONIC_TIMESTAMP": "8123456", "_BOOT_ID": "9a8b", "PRIORITY": "6",
+           "_TRANSPORT": "syslog", "_HOSTNAME": "web-01", **keys}
+    return json.dumps({key: value for key, value in obj.items() if value is not None},
+                      separators=(",", ":"))
+
+
+JOURNAL_FIELDS = {"__CURSOR": "s=0c3e;i=1f2", "__MONOTONIC_TIMESTAMP": "8123456",
+                  "_BOOT_ID": "9a8b", "_TRANSPORT": "syslog"}
+
+
+@pytest.mark.parametrize("line,expected", [
+    (journal(SYSLOG_IDENTIFIER="sshd", _PID="4242", _COMM="sshd", MESSAGE="Accepted publickey"),
+     entry(ts=TS + ".123456", host="web-01", program="sshd", pid=4242, level="info",
+           fields={**JOURNAL_FIELDS, "_COMM": "sshd"}, message="Accepted publickey")),
+    (journal(_COMM="cron", _PID="7", PRIORITY="3", MESSAGE="x"),  # no SYSLOG_IDENTIFIER
+     entry(ts=TS + ".123456", host="web-01", program="cron", pid=7, level="error",
+           fields=JOURNAL_FIELDS, message="x")),
+    (journal(SYSLOG_IDENTIFIER="kernel", _TRANSPORT="kernel", PRIORITY="4", _HOSTNAME=None,
+             MESSAGE="usb 1-1: new high-speed USB device"),
+     entry(ts=TS + ".123456", program="kernel", level="warning",
+           fields={**JOURNAL_FIELDS, "_TRANSPORT": "kernel"},
+           message="usb 1-1: new high-speed USB device")),
+    (journal(PRIORITY="0", MESSAGE=[99, 97, 102, 233, 0, 10]),   # not UTF-8: its bytes
+     entry(ts=TS + ".123456", host="web-01", level="emergency", fields=JOURNAL_FIELDS,
+           message="caf\ufffd\x00\n")),
+    (journal(PRIORITY="7", MESSAGE=["first", "second"]),     # a field given twice
+     entry(ts=TS + ".123456", host="web-01", level="debug", fields=JOURNAL_FIELDS,
+           message="first")),
+    # A service's stdout says its own level; the priority is the unit's for every line.
+    (journal(_TRANSPORT="stdout", SYSLOG_IDENTIFIER="logtail2db",
+             MESSAGE="logtail2db: warning: skipping x"),
+     entry(ts=TS + ".123456", host="web-01", program="logtail2db", level="warning",
+           fields={**JOURNAL_FIELDS, "_TRANSPORT": "stdout"},
+           message="logtail2db: warning: skipping x")),
+    (journal(_TRANSPORT="stdout", PRIORITY="6", MESSAGE="all fine: 3 files"),
+     entry(ts=TS + ".123456", host="web-01", level="info",
+           fields={**JOURNAL_FIELDS, "_TRANSPORT": "stdout"}, message="all fine: 3 files")),
+    (journal(SYSLOG_IDENTIFIER="app", MESSAGE="error: x"),   # syslog() gave its priority
+     entry(ts=TS + ".123456", host="web-01", program="app", level="info",
+           fields=JOURNAL_FIELDS, message="error: x")),
+    (journal(_PID="x", SYSLOG_PID="12", MESSAGE="m"),
+     entry(ts=TS + ".123456", host="web-01", pid=12, level="info",
+           fields={**JOURNAL_FIELDS, "_PID": "x"}, message="m")),
+    (journal(__REALTIME_TIMESTAMP="soon", PRIORITY="9"),    # unusable values stay in fields
+     entry(ts=None, host="web-01", fields={**JOURNAL_FIELDS, "__REALTIME_TIMESTAMP": "soon",
+                                           "PRIORITY": "9"},
+           message=journal(__REALTIME_TIMESTAMP="soon", PRIORITY="9"))),
+    ('{"__REALTIME_TIMESTAMP":"0","MESSAGE":null}',  # journalctl's null: a value too big
+     entry(ts="1970-01-01 00:00:00.000000", fields={"MESSAGE": None},
+           message='{"__REALTIME_TIMESTAMP":"0","MESSAGE":null}')),
+])
+def test_parse_journald(stamps, line, expected):
+    assert parse_journald(line, stamps) == expected
+    assert parse_json(line, stamps) == expected     # a journal file taken for JSON reads the same
+
+
+@pytest.mark.parametrize("line", [
+    "", "not json", "{}", '{"MESSAGE":"x"}', '{"__REALTIME_TIMESTAMP":',
+    '["__REALTIME_TIMESTAMP":1]',
+    '[{"__REALTIME_TIMESTAMP":"1"}]', ' {"__REALTIME_TIMESTAMP":"1"}',
+    '{"x":"\\"__REALTIME_TIMESTAMP\\":"}', '{"a": {"__REALTIME_TIMESTAMP":"1"}}',
+    "Nov 24 13:59:19 web-01 nginx[1234]: msg",
+])
+def test_parse_journald_rejects(stamps, line):
+    assert parse_journald(line, stamps) is None
 
 
 # parse_json ######################################################################
@@ -2770,6 +3184,48 @@ def test_parse_clf_rejects(stamps, line):
     assert parse_clf(line, stamps) is None
 
 
+# parse_logfmt ####################################################################
+
+@pytest.mark.parametrize("line,expected", [
+    ('time="2026-11-24T13:59:19Z" level=info msg="text here" key=value',  # logrus
+     entry(level="info", fields={"key": "value"}, message="text here")),
+    ('time=2026-11-24T14:59:19.123+01:00 level=WARN msg="disk low" free=3%',  # slog
+     entry(ts=TS + ".123000", level="warning", fields={"free": "3%"}, message="disk low")),
+    ('level=info ts=2026-11-24T13:59:19.123456Z caller=main.go:12 msg="Starting Loki" v=3.0',
+     entry(ts=TS + ".123456", level="info", fields={"caller": "main.go:12", "v": "3.0"},
+           message="Starting Loki")),  # go-kit, as Loki writes it
+    ('ts=2026-11-24T13:59:19.123Z caller=main.go:580 level=info msg="No time retention set"'
+     ' duration=15d', entry(ts=TS + ".123000", level="info",   # Prometheus
+                            fields={"caller": "main.go:580", "duration": "15d"},
+                            message="No time retention set")),
+    ('logger=settings t=2026-11-24T14:59:19.123+01:00 level=info msg="Starting Grafana"'
+     ' version=11.0.0', entry(ts=TS + ".123000", level="info",    # Grafana
+                             fields={"logger": "settings", "version": "11.0.0"},
+                             message="Starting Grafana")),
+    ('ts=2026-11-24T13:59:19Z lvl=dbg message="x y"', entry(level="debug", message="x y")),
+    ('level=error msg=failed err="unexpected EOF"',
+     entry(ts=None, level="error", fields={"err": "unexpected EOF"}, message="failed")),
+    ("msg=hello", entry(ts=None, message="hello")),
+    ("time=2026-11-24T13:59:19Z a=1", entry(fields={"a": "1"},
+                                             message="time=2026-11-24T13:59:19Z a=1")),
+    ("time=yesterday level=verbose msg=x",
+     entry(ts=None, fields={"time": "yesterday", "level": "verbose"}, message="x")),
+    ('time=2026-11-24T13:59:19Z level=INFO+2 msg="say \\"hi\\"\\n" path="/a b" empty=',
+     entry(fields={"level": "INFO+2", "path": "/a b", "empty": ""}, message='say "hi"\n')),
+])
+def test_parse_logfmt(stamps, line, expected):
+    assert parse_logfmt(line, stamps) == expected
+
+
+@pytest.mark.parametrize("line", [
+    "", "hello world", "seq=000001 lone line", "a=1 b=2", "=x", " level=info msg=x",
+    "x = 1", "Nov 24 13:59:19 web-01 app: level=info msg=x", '{"level":"info"}',
+    "\tat com.foo.Bar(Bar.java:10)", "2026-11-24 13:59:19 level=info msg=x",
+])
+def test_parse_logfmt_rejects(stamps, line):
+    assert parse_logfmt(line, stamps) is None
+
+
 # parse_app #######################################################################
 
 @pytest.mark.parametrize("line,expected", [
@@ -2836,6 +3292,15 @@ def test_parse_clf_rejects(stamps, line):
      entry(ts=TS + ".123456", program="myapp", level="info", message="started")),
     ("2026-11-24T13:59:19.123456Z ERROR myapp::net: peer reset: retrying",
      entry(ts=TS + ".123456", program="myapp::net", level="error", message="peer reset: retrying")),
+    # go-kit logfmt (Prometheus, Loki) begins entries too, its time anywhere in the line
+    ('level=info ts=2026-11-24T13:59:19.123Z caller=main.go:12 msg="Starting Loki"',
+     entry(ts=TS + ".123000", level="info", fields={"caller": "main.go:12"},
+           message="Starting Loki")),
+    # no level word, but a message that states one: our own stderr, Go's log package
+    ("2026-11-24 13:59:19 logtail2db: warning: skipping x: Permission denied",
+     entry(level="warning", message="logtail2db: warning: skipping x: Permission denied")),
+    ("2026/11/24 13:59:19 error: config missing", entry(level="error",
+                                                        message="error: config missing")),
     # odds and ends
     ("[2026-11-24 13:59:19] WARN something odd", entry(level="warning", message="something odd")),
     ("2026-11-24 13:59:19 INFO", entry(level="info")),
@@ -2854,6 +3319,145 @@ def test_parse_app(stamps, line, expected):
 ])
 def test_parse_app_rejects(stamps, line):
     assert parse_app(line, stamps) is None
+
+
+# parse_java ######################################################################
+
+JAVA_FIELDS = {"thread": "main", "logger": "com.example.App"}
+
+
+@pytest.mark.parametrize("line,expected", [
+    # logback's default (log4j2's default console too): the day from the file, 24 Nov 12:00
+    ("11:59:19.123 [main] INFO  com.example.App - started",
+     entry(ts="2026-11-24 11:59:19.123000", level="info", fields=JAVA_FIELDS, message="started")),
+    ("11:59:19.123 [http-nio-8080-exec-1] WARN  c.e.web.Controller - slow: 2 s",
+     entry(ts="2026-11-24 11:59:19.123000", level="warning",
+           fields={"thread": "http-nio-8080-exec-1", "logger": "c.e.web.Controller"},
+           message="slow: 2 s")),
+    ("13:59:19.123 [main] ERROR com.example.App - later in the day than the file: yesterday",
+     entry(ts="2026-11-23 13:59:19.123000", level="error", fields=JAVA_FIELDS,
+           message="later in the day than the file: yesterday")),
+    # log4j2 "%d [%t] %-5level %c - %m" and "%d %-5level [%t] %c - %m"
+    ("2026-11-24 13:59:19,123 [main] INFO com.example.App - started",
+     entry(ts=TS + ".123000", level="info", fields=JAVA_FIELDS, message="started")),
+    ("2026-11-24 13:59:19.123 INFO [main] com.example.App - started",
+     entry(ts=TS + ".123000", level="info", fields=JAVA_FIELDS, message="started")),
+    ("2026-11-24 13:59:19,123 [pool-1 thread-2] ERROR c.e.Job - failed - retrying",
+     entry(ts=TS + ".123000", level="error", fields={"thread": "pool-1 thread-2",
+                                                    "logger": "c.e.Job"},
+           message="failed - retrying")),
+    ("2026-11-24T13:59:19.123Z [           main] DEBUG com.example.App - x",
+     entry(ts=TS + ".123000", level="debug", fields=JAVA_FIELDS, message="x")),
+    ("2026-11-24 13:59:19,123 [main] FATAL com.example.App -",
+     entry(ts=TS + ".123000", level="critical", fields=JAVA_FIELDS)),
+    ("2026-11-24 13:59:19,123 TRACE [] com.example.App - x",
+     entry(ts=TS + ".123000", level="trace", fields={"thread": "", "logger": "com.example.App"},
+           message="x")),
+])
+def test_parse_java(stamps, line, expected):
+    assert parse_java(line, stamps) == expected
+
+
+@pytest.mark.parametrize("line", [
+    "", "\tat com.example.App.run(App.java:10)", "Caused by: java.io.IOException: disk",
+    "\t... 2 more", "java.lang.IllegalStateException: boom",
+    "2026-11-24 13:59:19,123 INFO app.db: connected",
+    "2026-11-24 13:59:19.123  INFO 4242 --- [main] o.s.b.StartupInfoLogger : Starting",
+    "11:59:19.123 [main] info com.example.App - lower case", "11:59:19.123 [main] INFO c.e.App: x",
+    "25:00:00.000 [main] INFO com.example.App - x", "11:59:19.123 [main INFO com.example.App - x",
+    "11:59 [main] INFO com.example.App - x", "2026-13-01 00:00:00,000 [main] INFO c.e.App - x",
+    "Nov 24 13:59:19 web-01 java[1]: x",
+])
+def test_parse_java_rejects(stamps, line):
+    assert parse_java(line, stamps) is None
+
+
+# parse_docker ####################################################################
+
+def docker(log, stream="stdout", time="2026-11-24T13:59:19.123456789Z", **more):
+    return json.dumps({"log": log, "stream": stream, **more, "time": time},
+                      separators=(",", ":"))
+
+
+@pytest.mark.parametrize("line,expected", [
+    (docker("text here\n", "stderr"),
+     entry(ts=TS + ".123456", fields={"stream": "stderr"}, message="text here")),
+    (docker("a piece, no newline"),   # the next line continues it (see EntryBuilder)
+     entry(ts=TS + ".123456", fields={"stream": "stdout", "partial": True},
+           message="a piece, no newline")),
+    (docker("crlf\r\n"), entry(ts=TS + ".123456", fields={"stream": "stdout"}, message="crlf")),
+    (docker("\n"), entry(ts=TS + ".123456", fields={"stream": "stdout"})),
+    (docker("x\n", attrs={"tag": "web"}),
+     entry(ts=TS + ".123456", fields={"stream": "stdout", "attrs": {"tag": "web"}}, message="x")),
+    # What the container wrote, read further; the time stays the runtime's.
+    (docker('{"level":"error","msg":"boom","user":7,"time":"2026-11-24T13:00:00Z"}\n'),
+     entry(ts=TS + ".123456", level="error", fields={"user": 7, "stream": "stdout"},
+           message="boom")),
+    (docker('{"msg":"x","stream":"mine"}\n'),
+     entry(ts=TS + ".123456", fields={"stream": "stdout"}, message="x")),
+    (docker('time=2026-11-24T13:59:19Z level=warn msg="disk low" free=3%\n'),
+     entry(ts=TS + ".123456", level="warning", fields={"free": "3%", "stream": "stdout"},
+           message="disk low")),
+    (docker("2026-11-24 13:59:19,123 ERROR app.web: request failed\n"),
+     entry(ts=TS + ".123456", program="app.web", level="error", fields={"stream": "stdout"},
+           message="request failed")),
+    (docker("logtail2db: warning: skipping x\n", "stderr"),
+     entry(ts=TS + ".123456", level="warning", fields={"stream": "stderr"},
+           message="logtail2db: warning: skipping x")),
+    (docker("x\n", time="2026-11-24T14:59:19+01:00"),
+     entry(fields={"stream": "stdout"}, message="x")),
+])
+def test_parse_docker(stamps, line, expected):
+    assert parse_docker(line, stamps) == expected
+
+
+@pytest.mark.parametrize("line", [
+    "", "not json", '{"log":"x\\n"}', '{"log":"x\\n","stream":"stdout"}',
+    docker("x\n", time="yesterday"), docker(1), docker("x\n", stream=None),
+    '{"stream":"stdout","log":"x\\n","time":"2026-11-24T13:59:19Z"}',
+    docker("x\n") + " trailing", '{"log":', '{"log":"x\\n","stream":"stdout","time":1}',
+])
+def test_parse_docker_rejects(stamps, line):
+    assert parse_docker(line, stamps) is None
+
+
+# parse_cri #######################################################################
+
+@pytest.mark.parametrize("line,expected", [
+    ("2026-11-24T13:59:19.123456789Z stdout F text here",
+     entry(ts=TS + ".123456", fields={"stream": "stdout"}, message="text here")),
+    ("2026-11-24T13:59:19.123456789Z stderr P a piece",   # the next line continues it
+     entry(ts=TS + ".123456", fields={"stream": "stderr", "partial": True}, message="a piece")),
+    ("2026-11-24T14:59:19.123456789+01:00 stdout F cri-o", entry(  # CRI-O: local time
+        ts=TS + ".123456", fields={"stream": "stdout"}, message="cri-o")),
+    ("2026-11-24T13:59:19.1Z stdout F x",  # RFC3339Nano drops trailing zeros
+     entry(ts=TS + ".100000", fields={"stream": "stdout"}, message="x")),
+    ("2026-11-24T13:59:19Z stdout F x", entry(fields={"stream": "stdout"}, message="x")),
+    ("2026-11-24T13:59:19Z stdout F ", entry(fields={"stream": "stdout"})),
+    ("2026-11-24T13:59:19Z stdout F", entry(fields={"stream": "stdout"})),
+    ("2026-11-24T13:59:19Z stdout F  two  spaces ",
+     entry(fields={"stream": "stdout"}, message=" two  spaces ")),
+    ('2026-11-24T13:59:19Z stdout F {"level":"warn","msg":"hi","k":1}',
+     entry(level="warning", fields={"k": 1, "stream": "stdout"}, message="hi")),
+    ('2026-11-24T13:59:19Z stderr F level=error ts=2026-11-24T13:00:00Z msg="x y"',
+     entry(level="error", fields={"stream": "stderr"}, message="x y")),
+    ("2026-11-24T13:59:19Z stdout F 11:32:56.655 [main] INFO  com.example.App - up",
+     entry(level="info", fields={**JAVA_FIELDS, "stream": "stdout"}, message="up")),
+    ("2026-11-24T13:59:19Z stdout F 2026-11-24 13:59:19,123 INFO app.db: connected",
+     entry(program="app.db", level="info", fields={"stream": "stdout"}, message="connected")),
+])
+def test_parse_cri(stamps, line, expected):
+    assert parse_cri(line, stamps) == expected
+
+
+@pytest.mark.parametrize("line", [
+    "", "2026-11-24T13:59:19Z stdout X text", "2026-11-24T13:59:19Z stdin F text",
+    "yesterday stdout F text", "2026-11-24T13:59:19Z stdout", "2026-11-24T13:59:19Z  stdout F x",
+    "2026-11-24T13:59:19Z stdout P:F x", "2026-11-24 13:59:19 stdout F x",
+    "Nov 24 13:59:19 web-01 app: x", "2026-11-24T13:59:19Z web-01 app[1]: x",
+])
+def test_parse_cri_rejects(stamps, line):
+    assert parse_cri(line, stamps) is None
 
 
 # make_pattern_parser #############################################################
@@ -2924,7 +3528,18 @@ JAVA_TRACE_LOG = [
     (["starting up..."] + ['{"level":30,"msg":"hi"}'] * 5, "json"),
     ([NGINX + '"GET / HTTP/1.1" 200 512 "-" "curl/8.5.0"'] * 5, "clf"),
     (PYTHON_TRACEBACK_LOG, "app"),
-    (JAVA_TRACE_LOG, "app"),
+    (JAVA_TRACE_LOG, "java"),   # log4j2's layout: thread and logger to fields (issue 14)
+    (["11:32:56.655 [main] INFO  com.example.App - up"] + JAVA_TRACE_LOG[1:], "java"),
+    ([journal(MESSAGE=f"m{n}") for n in range(5)], "journald"),
+    ([docker(f"line {n}\n") for n in range(5)], "docker"),
+    ([docker('{"level":"info","msg":"x"}\n')] * 5, "docker"),
+    (["2026-11-24T13:59:19.123456789Z stdout F plain text"] * 5, "cri"),
+    (['2026-11-24T13:59:19Z stdout F {"level":"info","msg":"x"}'] * 5, "cri"),
+    (['level=info ts=2026-11-24T13:59:19.123Z caller=main.go:12 msg="x"'] * 5, "logfmt"),
+    (['time="2026-11-24T13:59:19Z" level=info msg="text here" key=value'] * 5, "logfmt"),
+    (["Nov 24 13:59:19.655353 web-01 sshd[123]: msg"] * 5, "syslog"),
+    (["2026-11-24T14:59:19+0100 web-01 sshd[123]: msg"] * 5, "syslog"),
+    (["2026-11-24 13:59:19 logtail2db: warning: skipping x"] * 5, "app"),
     (["2026-11-24T13:59:19Z INFO app: started"] * 5, "app"),  # would parse as syslog, host INFO
     (["2026/11/24 13:59:19 listening on :8080"] * 5, "app"),
     (["\tat com.example.Old.run(Old.java:1)"] + SYSLOG_LINES, "syslog"),  # rotated mid-entry
@@ -2941,8 +3556,11 @@ def test_detect_format(stamps, lines, expected):
 
 
 def test_parser_tables():
-    assert set(PARSERS) == {"syslog", "rfc5424", "json", "clf", "app"}
-    assert MULTILINE_FORMATS == {"syslog", "rfc5424", "app"}
+    assert set(PARSERS) == {"syslog", "rfc5424", "journald", "json", "docker", "cri", "logfmt",
+                            "clf", "app", "java"}
+    assert MULTILINE_FORMATS == {"syslog", "rfc5424", "app", "java"}
+    assert set(lt.DETECT_ORDER) == set(PARSERS) - {"rfc5424"}
+    assert set(lt.FORMATS) == set(lt.DETECT_ORDER) | {"auto", "plain"}
 
 
 # Never raise, always well-formed #################################################
@@ -2959,6 +3577,15 @@ SAMPLES = [
     "2026-11-24T13:59:19.123+01:00  INFO 4242 --- [main] o.s.b.StartupInfoLogger : Starting",
     'time=2026-11-24T13:59:19.123+01:00 level=INFO msg="hello world" user=42',
     "[2026-11-24T13:59:19Z INFO  myapp::db] connected",
+    "Nov 24 13:59:19.655353 web-01 postfix/smtpd[99]: prog: warning: x",
+    journal(SYSLOG_IDENTIFIER="sshd", _PID="4242", _TRANSPORT="stdout",
+            MESSAGE=[108, 116, 58, 32, 101, 114, 114, 111, 114, 58, 32, 255]),
+    docker('{"level":"error","msg":"boom","pid":7,"host":"h"}\n', attrs={"tag": "web"}),
+    '2026-11-24T13:59:19.123456789Z stdout F time=2026-11-24T13:59:19Z level=info msg="a b" k=v',
+    "2026-11-24T13:59:19.123456789+01:00 stderr P 2026-11-24 13:59:19,123 [main] WARN c.e.A - x",
+    'logger=settings t=2026-11-24T14:59:19.123+01:00 lvl=eror message="Starting" version=11',
+    "11:32:56.655 [main] INFO  com.example.App - started",
+    "2026-11-24 13:59:19.123 ERROR [pool-1 thread-2] com.example.App - failed",
 ]
 
 
@@ -3005,7 +3632,9 @@ def test_syslog_fast_path_reads_lines_as_the_general_code_does(stamps):
     hosts = ["web-01", "h\tost", "[::1]", "", "a b"]
     tags = ["nginx", "postfix/smtpd", "a:b", "p[12]", "p[]", "p[1234567890]", "p[\u0663]",
             "CRON[12]", "x", "", "[77]", "sd[1]x"]
-    ends = [": ", ":", ": hello: there", ":  two  spaces", " no colon", "[3]: m"]
+    ends = [": ", ":", ": hello: there", ":  two  spaces", " no colon", "[3]: m", ": error: x",
+            ": Warning: y", ": prog: fatal: z", ": prog: hello: z", ": error:", ": a b: error: x",
+            ": pam(x:y): error: z"]
     lines = [f"{rng.choice(times)} {rng.choice(hosts)} {rng.choice(tags)}{rng.choice(ends)}"
              for _ in range(5000)]
     matched = 0
