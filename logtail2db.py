@@ -3213,9 +3213,9 @@ class Tailer:
 
     def add_rows(self, t: Tracked, rows: list) -> None:
         if rows:
+            self.touched[t] = None      # first: when add() fails, rewind() takes t back too
             self.store.add(rows)
             self.added += len(rows)
-            self.touched[t] = None
         if t.builder.held is not None:
             self.holders.add(t)
         else:
