@@ -3,20 +3,24 @@
 
 Usage: logtail2db.py [options] DIRECTORY DATABASE
        logtail2db.py --stats [--max-lag BYTES] DATABASE
+DATABASE is an SQLite file, or a PostgreSQL URL (postgresql://user@host/logs) that a
+fleet's tailers share, each as its --host-name.
 
 Guarantees:
   - every complete line of every file in DIRECTORY is stored once, never twice;
-  - entries and the file's new offset are committed in one SQLite transaction,
-    so kill -9, power loss and restarts neither lose nor double anything;
+  - entries and the file's new offset are committed in one SQLite (or PostgreSQL)
+    transaction, so kill -9, power loss, restarts and (PostgreSQL) a restarted
+    server or a cut network neither lose nor double anything;
   - rotation by rename or copytruncate, inode reuse and files changed while the
     tailer was stopped are told apart by (st_dev, st_ino) plus the first bytes;
   - the database is in WAL mode: readers query it while the tailer writes;
-  - it runs on the standard library alone (inotifyx is used when installed).
+  - it runs on the standard library alone (inotifyx is used when installed;
+    psycopg is imported only for a PostgreSQL DATABASE).
 
 Exit status: 0 on success or on SIGTERM/SIGINT, 1 on a fatal error (one line
 "logtail2db: error: ..." on stderr), 2 on a usage error, 3 when --stats finds a
 file lagging by more than --max-lag, 4 when stopped while DATABASE could not be
-written (what is not stored is read again on the next start).
+written or reached (what is not stored is read again on the next start).
 
 The sections, each using only what stands above it:
   Constants and errors      tunables, Fatal, how names and sizes are shown
@@ -25,7 +29,8 @@ The sections, each using only what stands above it:
                             a copy of another...), read_complete()
   Entry parsing             one parse_<format>() per format, detect_format(), EntryBuilder
                             (lines to entries, multi-line ones held until complete)
-  Stores                    the Store interface the loop calls, SqliteStore
+  Stores                    the Store interface the loop calls, SqliteStore, PgStore
+                            (a fleet into one PostgreSQL: COPY, a lock per host)
   Event loop                ParseWorker (a second core for big backlogs), Tailer: one
                             select(), each wake-up's reading stored in one transaction
   --stats                   a read-only look at a database
@@ -1995,7 +2000,9 @@ FIELDS_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 # What --stats shows of a database: per file (path, path_bytes, offset, gone); per level
 # (level, count); the newest entry's ts; and since an hour 23 hours ago, (level, hours
 # since then, count).
-Stats = collections.namedtuple("Stats", "files levels newest since hourly")
+# hosts: for a fleet's server, per host (name, entries, newest ts, last commit), else None.
+Stats = collections.namedtuple("Stats", "files levels newest since hourly hosts",
+                               defaults=(None,))
 
 
 def utc_now() -> str:
@@ -2015,7 +2022,7 @@ def statements(script: str) -> list:
 
 class Store:
     """What the event loop asks of a database; SqliteStore and (for fleets) the PostgreSQL
-    store implement it. The loop runs every change inside atomic(): a round's add() and
+    store (PgStore) implement it. The loop runs every change inside atomic(): a round's add() and
     save() calls are one transaction, committed at the end, rolled back by any exception.
 
     name: how messages call it (no password). rows: the encoder EntryBuilder hands entries
@@ -2038,6 +2045,21 @@ class Store:
         raise NotImplementedError
 
     def max_file_id(self) -> int:
+        raise NotImplementedError
+
+    def file_states(self, ids) -> dict:
+        """{id: FileState} of the files of these ids that are stored (gone or not)."""
+        raise NotImplementedError
+
+    def reconnect(self) -> bool:
+        """Called before each transaction: make the store usable again after a fault that
+        passed. True when its connection was lost and is made again: a COMMIT that got no
+        answer may have been stored, so the loop reads the states back (file_states());
+        False when nothing was lost (a failed transaction was surely rolled back)."""
+        raise NotImplementedError
+
+    def explain(self, exc) -> str:
+        """The one line for a fault of this store that does not pass (no password in it)."""
         raise NotImplementedError
 
     def atomic(self, now: float = None):
@@ -2329,6 +2351,18 @@ class SqliteStore(Store):
     def max_file_id(self) -> int:
         return self.conn.execute("SELECT coalesce(max(id), 0) FROM files").fetchone()[0]
 
+    def file_states(self, ids) -> dict:
+        ids = list(ids)
+        rows = self.conn.execute(SELECT_FILES + f" WHERE id IN ({', '.join('?' * len(ids))})",
+                                 ids) if ids else ()
+        return {row[0]: FileState(*row) for row in rows}
+
+    def reconnect(self) -> bool:
+        return False    # one local connection, never lost; a rollback is certain
+
+    def explain(self, exc) -> str:
+        return str(exc)     # main() says "database: " before it
+
     def add(self, rows: list) -> None:
         self.begin()
         rows = list(rows)
@@ -2417,8 +2451,595 @@ def read_sqlite_stats(path: str, now_s: float) -> Stats:
         conn.close()
 
 
-def open_store(target: str, mode: int = 0o600) -> Store:
-    """The store DATABASE names, open for writing (a new SQLite file gets mode)."""
+# -- PostgreSQL: a fleet of tailers into one server ------------------------------
+#
+# Each host's tailer commits its entries (by COPY) and its files' offsets in one server
+# transaction, so a crash, a restarted server or a cut network lose and double nothing.
+# Offsets are only ever read from the server: at the start and after every reconnect.
+
+PG_SCHEMES = ("postgresql://", "postgres://")
+PG_SCHEMA_VERSION = 1
+PG_LOCK_CLASS = 0x6c743264      # "lt2d": first key of our advisory locks, the second being a
+                                # host id (its one tailer) or 0 (schema and partition changes)
+# conninfo defaults, unless the URL sets them: a dead server is noticed within a minute,
+# and the server notices a dead host as soon (see the tcp_keepalives_* settings below),
+# which releases that host's lock for its next tailer.
+PG_DEFAULTS = {"keepalives": "1", "keepalives_idle": "10", "keepalives_interval": "5",
+               "keepalives_count": "6", "connect_timeout": "5",
+               "fallback_application_name": "logtail2db"}
+PG_SESSION = ("SET TIME ZONE 'UTC'",    # ts and the files' times are UTC text
+              "SET tcp_keepalives_idle = 10", "SET tcp_keepalives_interval = 5",
+              "SET tcp_keepalives_count = 6")
+PG_TABLES = ("meta", "hosts", "files", "entries", "logs")
+PARTITION_CHECK_S = 3600.0      # how often tomorrow's partition is made sure of
+PARTITION_LOCK_TIMEOUT = "1s"   # partition changes wait no longer for other tailers' batches
+# SQLSTATE classes and codes of faults that pass: connection (08), transaction rollback
+# (40: serialization, deadlock), insufficient resources (53: disk full, too many
+# connections), operator intervention (57: shutting down, starting up, cancelled), I/O
+# error, lock not available.
+PG_TRANSIENT_CLASSES = ("08", "40", "53", "57")
+PG_TRANSIENT_CODES = ("58030", "55P03")
+# Connection failures come without SQLSTATE; these words make one that does not pass.
+PG_PERMANENT_WORDS = ("authentication failed", "does not exist", "no pg_hba.conf entry",
+                      "password", "permission denied", "certificate", "invalid",
+                      "unsupported", "SSL is not enabled", "not allowed")
+
+PG_SCHEMA = r"""-- logtail2db PostgreSQL schema, version 1 (kept in meta).
+CREATE TABLE meta (
+    key   text PRIMARY KEY,
+    value text NOT NULL
+);
+INSERT INTO meta (key, value) VALUES ('program', 'logtail2db'), ('schema_version', '1');
+
+-- One row per host: a tailer per host name at a time (an advisory lock on its id).
+CREATE TABLE hosts (
+    id          serial PRIMARY KEY,
+    name        text NOT NULL UNIQUE,
+    first_seen  timestamptz NOT NULL DEFAULT now(),
+    last_commit timestamptz
+);
+
+-- One row per file identity of a host, as SQLite's files table.
+CREATE TABLE files (
+    host_id     integer NOT NULL REFERENCES hosts(id),
+    id          bigint NOT NULL,
+    path        text NOT NULL,
+    path_bytes  bytea,
+    dev         numeric(20),        -- st_dev and st_ino are 64-bit unsigned
+    ino         numeric(20),
+    "offset"    bigint NOT NULL,    -- every byte before it is stored in entries
+    fingerprint bytea NOT NULL,
+    resume_hash bytea,
+    part        integer,
+    format      text,
+    first_seen  timestamptz NOT NULL,
+    updated     timestamptz NOT NULL,
+    gone        timestamptz,
+    PRIMARY KEY (host_id, id)
+);
+
+-- One row per log entry, partitioned by the day it was stored: --keep drops whole days.
+-- PostgreSQL text holds neither NUL nor invalid UTF-8: an entry with them has its readable
+-- text (U+FFFD for bad bytes and NUL) in raw and its exact bytes in raw_bytes.
+CREATE TABLE entries (
+    id        bigserial,
+    host_id   integer NOT NULL,
+    file_id   bigint NOT NULL,
+    "offset"  bigint NOT NULL,
+    ts        timestamptz,
+    host      text,
+    program   text,
+    pid       bigint,
+    level     text,
+    fields    jsonb,
+    raw       text NOT NULL,
+    raw_bytes bytea,
+    msg       text,
+    msg_at    integer NOT NULL DEFAULT 1,
+    part      integer,
+    stored    timestamptz NOT NULL DEFAULT now()
+) PARTITION BY RANGE (stored);
+-- A day without its partition yet (a tailer started past midnight) never fails a batch.
+CREATE TABLE entries_default PARTITION OF entries DEFAULT;
+
+CREATE VIEW logs AS
+SELECT e.id, e.ts, e.level, h.name AS host, f.path, e.program, e.pid,
+       coalesce(e.msg, substr(e.raw, e.msg_at)) AS message, e.fields, e.raw,
+       coalesce(e.raw_bytes, convert_to(e.raw, 'UTF8')) AS raw_bytes,
+       e.file_id, e."offset", e.part, e.host AS logged_host, e.stored
+FROM entries AS e
+JOIN hosts AS h ON h.id = e.host_id
+JOIN files AS f ON f.host_id = e.host_id AND f.id = e.file_id;
+"""
+
+# version -> the script that brings a server's schema from it to version + 1 (see MIGRATIONS).
+PG_MIGRATIONS = {}
+
+PG_COLUMNS = ('host_id, file_id, "offset", ts, host, program, pid, level, fields, raw, '
+              'raw_bytes, msg, msg_at, part')
+COPY_ROW = {4: 'COPY entries (host_id, file_id, "offset", raw) FROM STDIN',
+            14: f"COPY entries ({PG_COLUMNS}) FROM STDIN"}
+PG_UPSERT_FILE = (
+    'INSERT INTO files (host_id, id, path, path_bytes, dev, ino, "offset", fingerprint,'
+    " resume_hash, part, format, first_seen, updated, gone)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " ON CONFLICT (host_id, id) DO UPDATE SET path = excluded.path,"
+    " path_bytes = excluded.path_bytes, dev = excluded.dev, ino = excluded.ino,"
+    ' "offset" = excluded."offset", fingerprint = excluded.fingerprint,'
+    " resume_hash = excluded.resume_hash, part = excluded.part, format = excluded.format,"
+    " updated = excluded.updated, gone = excluded.gone")
+PG_SELECT_FILES = (
+    'SELECT id, path, path_bytes, dev, ino, "offset", fingerprint, resume_hash, part, format,'
+    " to_char(first_seen, 'YYYY-MM-DD HH24:MI:SS'), to_char(updated, 'YYYY-MM-DD HH24:MI:SS'),"
+    " to_char(gone, 'YYYY-MM-DD HH24:MI:SS') FROM files WHERE host_id = %s")
+PG_FTS = ("CREATE INDEX IF NOT EXISTS entries_message_trgm ON entries"
+          " USING gin ((coalesce(msg, substr(raw, msg_at))) gin_trgm_ops)")
+
+
+def is_pg_url(target: str) -> bool:
+    return target.startswith(PG_SCHEMES)
+
+
+def pg_url_parts(url: str) -> tuple:
+    """(the URL without its password, the password or None): the first is how messages
+    name the server."""
+    parts = urllib.parse.urlsplit(url)
+    password = parts.password
+    netloc = parts.netloc
+    if password is not None:
+        netloc = netloc.rpartition("@")[2]
+        if parts.username is not None:
+            netloc = netloc and urllib.parse.quote(parts.username, safe="%") + "@" + netloc
+    query = parts.query
+    if "password=" in query:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        password = password or dict(pairs).get("password")
+        query = "&".join(pair for pair in query.split("&") if not pair.startswith("password="))
+    # Put together by hand: urlunsplit() drops the empty netloc of postgresql:///logs.
+    shown_url = (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+                 + (f"#{parts.fragment}" if parts.fragment else ""))
+    return shown_url, password
+
+
+def import_pg_driver():
+    """psycopg 3, imported only for a PostgreSQL DATABASE; Fatal in one line without it."""
+    try:
+        import psycopg
+    except ImportError:
+        pass
+    else:
+        return psycopg
+    for other in ("psycopg2", "pg8000"):
+        try:
+            __import__(other)
+        except ImportError:
+            continue
+        raise Fatal(f"a postgresql:// DATABASE needs psycopg 3; {other} is installed, which "
+                    "logtail2db does not support yet: apt-get install python3-psycopg, or "
+                    'pip install "psycopg[binary]"')
+    raise Fatal("a postgresql:// DATABASE needs the psycopg module: apt-get install "
+                'python3-psycopg, or pip install "psycopg[binary]"')
+
+
+class PgLost(Exception):
+    """The connection to the server is gone; the store connects again when retried."""
+
+
+class PgBusy(Exception):
+    """Another session holds this host's lock; after a reconnect, our own old one, until
+    the server notices it is dead."""
+
+
+def readable_text(text) -> str:
+    """Text PostgreSQL takes: bad UTF-8 bytes and NUL become U+FFFD."""
+    if type(text) is bytes:
+        text = text.decode("utf-8", "replace")
+    return text.replace("\x00", "\ufffd")
+
+
+class PgRows:
+    """Entries as rows of COPY_ROW's shapes, told by their length: a line that is its own
+    message, or every column (see EntryBuilder for the arguments). An entry that is not
+    UTF-8 without NUL has its readable text in raw and its bytes in raw_bytes."""
+
+    def __init__(self, host_id: int):
+        self.host_id = host_id
+
+    def lines(self, file_id: int, offsets, lines: list):
+        return zip(itertools.repeat(self.host_id), itertools.repeat(file_id), offsets, lines)
+
+    def entry(self, file_id, offset, parsed, raw, message, msg_at, part):
+        if msg_at < 0:      # a quoted value in raw (quoted_at()): the view reads tails only
+            start = -msg_at - 1
+            message, msg_at = raw[start:raw.index('"', start)], 1
+        raw_bytes = None
+        if type(raw) is bytes:
+            raw_bytes, raw = raw, readable_text(raw)
+            if message is not None:
+                message = readable_text(message)
+        if parsed is None:
+            if message is None and part is None and raw_bytes is None:
+                return (self.host_id, file_id, offset, raw)
+            return (self.host_id, file_id, offset, None, None, None, None, None, None, raw,
+                    raw_bytes, message, msg_at, part)
+        ts, host, program, pid, level, fields, _ = parsed
+        fields = FIELDS_JSON(fields) if fields else None
+        if raw_bytes is not None:
+            # Parsed from a line with NUL: the text columns refuse it (JSON spells it \u0000,
+            # which jsonb refuses too).
+            host, program, level = (value and readable_text(value)
+                                    for value in (host, program, level))
+            if fields is not None:
+                fields = readable_text(fields).replace("\\u0000", "\\ufffd")
+        return (self.host_id, file_id, offset, ts or None, host or None, program or None, pid,
+                level or None, fields, raw, raw_bytes, message, msg_at, part)
+
+
+class PgStore(Store):
+    """A PostgreSQL server that a fleet's tailers share: this host's files and entries,
+    under a session advisory lock on the host's id, entries sent by COPY. A lost
+    connection is connected again when the loop retries (reconnect())."""
+
+    def __init__(self, url: str, host_name: str, driver):
+        self.url = url
+        self.name, self.password = pg_url_parts(url)
+        self.host_name = host_name
+        self.pg = driver
+        self.errors = (driver.Error, PgLost, PgBusy)
+        self.conn = None
+        self.host_id = None
+        self.rows = None
+        self.lost = False       # the connection went with a fault: connect when retried
+        self.partitions_at = 0.0    # time.time() when tomorrow's partition is looked at
+        # psycopg logs what it ignores while closing a broken COPY ("the connection is
+        # lost"): we report the fault itself, once, through Backoff.
+        logging.getLogger("psycopg").addHandler(logging.NullHandler())
+
+    @classmethod
+    def open(cls, url: str, host_name: str) -> PgStore:
+        """Connect as host_name: Fatal for a fault that does not pass (authentication, no
+        such database, tables not ours, the host tailed already), PgLost saying why for
+        one that does (the server down, starting, unreachable)."""
+        store = cls(url, host_name, import_pg_driver())
+        try:
+            store.connect(first=True)
+        except store.errors as exc:
+            if not store.is_transient(exc):
+                raise Fatal(store.explain(exc)) from None
+            raise PgLost(store.explain(exc)) from None
+        return store
+
+    def conninfo(self) -> str:
+        """The URL as libpq reads it (its environment and ~/.pgpass too), with our defaults
+        for what neither sets."""
+        params = self.pg.conninfo.conninfo_to_dict(self.url)
+        for key, value in PG_DEFAULTS.items():
+            if key not in params and not (key == "connect_timeout"
+                                          and os.environ.get("PGCONNECT_TIMEOUT")):
+                params[key] = value
+        return self.pg.conninfo.make_conninfo(**params)
+
+    def connect(self, first: bool = False) -> None:
+        """A new connection: schema checked (created, migrated), this host's id and its
+        lock; each in its own transaction."""
+        self.close()
+        conn = self.pg.connect(self.conninfo(), autocommit=True)
+        self.conn = conn
+        try:
+            for sql in PG_SESSION:
+                conn.execute(sql)
+            self.prepare()
+            conn.execute("INSERT INTO hosts (name) VALUES (%s) ON CONFLICT (name) DO NOTHING",
+                         (self.host_name,))
+            self.host_id = conn.execute("SELECT id FROM hosts WHERE name = %s",
+                                        (self.host_name,)).fetchone()[0]
+            self.rows = PgRows(self.host_id)
+            if not conn.execute("SELECT pg_try_advisory_lock(%s, %s)",
+                                (PG_LOCK_CLASS, self.host_id)).fetchone()[0]:
+                who = self.lock_holder()
+                if first:
+                    raise Fatal(f"host name {self.host_name!r} is already tailed into "
+                                f"{self.name} by another logtail2db ({who}); each host needs "
+                                "a --host-name of its own")
+                raise PgBusy(f"host name {self.host_name!r} is still locked by {who}, "
+                             "until the server notices that connection is gone")
+            self.ensure_partitions()
+        except BaseException:
+            self.close()
+            raise
+        self.lost = False
+
+    def lock_holder(self) -> str:
+        row = self.conn.execute(
+            "SELECT a.pid, host(a.client_addr), a.application_name FROM pg_locks AS l"
+            " JOIN pg_stat_activity AS a ON a.pid = l.pid WHERE l.locktype = 'advisory'"
+            " AND l.classid = %s AND l.objid = %s AND l.objsubid = 2 AND l.granted",
+            (PG_LOCK_CLASS, self.host_id)).fetchone()
+        if row is None:
+            return "a session now gone"
+        return (f"server pid {row[0]}, from {row[1] or 'a local socket'}"
+                + (f", {row[2]}" if row[2] else ""))
+
+    def prepare(self) -> None:
+        """Check the tables before changing anything, then create or migrate them, in one
+        transaction that other hosts' tailers wait for."""
+        conn = self.conn
+        with self.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (PG_LOCK_CLASS,))
+            found = [row[0] for row in conn.execute(
+                "SELECT c.relname FROM pg_class AS c JOIN pg_namespace AS n"
+                " ON n.oid = c.relnamespace WHERE n.nspname = current_schema()"
+                " AND c.relname = ANY(%s) ORDER BY 1", (list(PG_TABLES),))]
+            meta = dict(conn.execute("SELECT key, value FROM meta") if "meta" in found else ())
+            if not found:
+                log.info("%s: creating the logtail2db schema", self.name)
+                conn.execute(PG_SCHEMA)
+                return
+            if meta.get("program") != "logtail2db":
+                raise Fatal(f"{self.name} has tables of another program ({', '.join(found)}: "
+                            "no logtail2db schema); left untouched")
+            version = int(meta.get("schema_version", 0))
+            if version > PG_SCHEMA_VERSION:
+                raise Fatal(f"{self.name} has schema version {version}, newer than this "
+                            f"logtail2db {__version__} knows ({PG_SCHEMA_VERSION}); use a "
+                            "newer logtail2db")
+            if version < PG_SCHEMA_VERSION:
+                log.info("%s: migrating schema %d -> %d", self.name, version, PG_SCHEMA_VERSION)
+                for v in range(version, PG_SCHEMA_VERSION):
+                    conn.execute(PG_MIGRATIONS[v])
+                conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'",
+                             (str(PG_SCHEMA_VERSION),))
+
+    def ensure_partitions(self) -> None:
+        """Today's and tomorrow's partitions of entries, made ahead of need. A day whose
+        rows are in the DEFAULT partition already stays there (--keep deletes them)."""
+        self.partitions_at = time.time() + PARTITION_CHECK_S
+        now = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+        days = [now + timedelta(days=n) for n in (0, 1)]
+        existing = self.partition_days()
+        missing = [day for day in days if day.strftime("%Y%m%d") not in existing]
+        if not missing:
+            return
+        try:
+            with self.transaction():
+                self.conn.execute(f"SET LOCAL lock_timeout = '{PARTITION_LOCK_TIMEOUT}'")
+                self.conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (PG_LOCK_CLASS,))
+                existing = self.partition_days()
+                for day in missing:
+                    name = day.strftime("%Y%m%d")
+                    if name in existing:
+                        continue    # another host's tailer made it meanwhile
+                    upper = day + timedelta(days=1)
+                    self.conn.execute("SAVEPOINT partition")
+                    try:
+                        self.conn.execute(
+                            f"CREATE TABLE entries_{name} PARTITION OF entries FOR VALUES"
+                            f" FROM ('{day:%Y-%m-%d} 00:00+00') TO ('{upper:%Y-%m-%d} 00:00+00')")
+                    except self.pg.errors.CheckViolation:
+                        # Rows of that day are in the DEFAULT partition already.
+                        self.conn.execute("ROLLBACK TO SAVEPOINT partition")
+        except self.pg.errors.LockNotAvailable as exc:
+            log.debug("partitions put off: %s", exc)    # busy: try again soon
+            self.partitions_at = time.time() + 60
+
+    def partition_days(self) -> set:
+        """The days (YYYYMMDD) that have a partition of entries."""
+        return {row[0][len("entries_"):] for row in self.conn.execute(
+            "SELECT c.relname FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = 'entries'::regclass AND c.relname ~ '^entries_[0-9]{8}$'")}
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """One server transaction of its own (schema, partitions, retention)."""
+        self.live().execute("BEGIN")
+        try:
+            yield
+            self.conn.execute("COMMIT")
+        except BaseException as exc:
+            self.abort(exc)
+            raise
+
+    def live(self):
+        if self.conn is None:
+            raise PgLost(f"not connected to {self.name}")
+        return self.conn
+
+    def in_transaction(self) -> bool:
+        return (self.conn is not None and self.conn.info.transaction_status
+                != self.pg.pq.TransactionStatus.IDLE)
+
+    def abort(self, exc) -> None:
+        """Roll back after exc; a connection that broke is dropped, to be made again. A
+        COMMIT it broke in may have been stored: reconnect() tells the loop to read the
+        offsets back."""
+        conn = self.conn
+        if conn is None:
+            return
+        if not conn.broken and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            try:
+                if self.in_transaction():
+                    conn.execute("ROLLBACK")
+                return
+            except self.pg.Error as again:
+                log.debug("rollback failed: %s", again)     # the connection went meanwhile
+        self.close()
+        self.lost = True
+
+    @contextlib.contextmanager
+    def atomic(self, now: float = None):
+        try:
+            yield
+            if self.in_transaction():
+                self.conn.execute("COMMIT")
+        except BaseException as exc:
+            self.abort(exc)
+            raise
+
+    def begin(self) -> None:
+        """Begin the transaction at its first write; it notes when this host last stored."""
+        if not self.in_transaction():
+            if time.time() >= self.partitions_at:
+                self.ensure_partitions()
+            self.live().execute("BEGIN")
+            self.conn.execute("UPDATE hosts SET last_commit = now() WHERE id = %s",
+                              (self.host_id,))
+
+    def reconnect(self) -> bool:
+        if not self.lost:
+            return False
+        self.connect()
+        log.info("connected to %s again; going on from the offsets it holds", self.name)
+        return True
+
+    def is_transient(self, exc) -> bool:
+        if isinstance(exc, (PgLost, PgBusy)):
+            return True
+        if isinstance(exc, Fatal) or not isinstance(exc, self.pg.Error):
+            return False
+        code = getattr(exc, "sqlstate", None)
+        if code:
+            return code[:2] in PG_TRANSIENT_CLASSES or code in PG_TRANSIENT_CODES
+        if not isinstance(exc, self.pg.OperationalError):
+            return False
+        text = str(exc)
+        return not any(word in text for word in PG_PERMANENT_WORDS) or "shutting down" in text \
+            or "starting up" in text
+
+    def explain(self, exc) -> str:
+        text = " ".join(str(exc).split()).replace(self.url, self.name)   # over lines in libpq
+        text = text.partition(" CONTEXT: ")[0]  # the row COPY was at: log data, not the fault
+        if self.password:
+            text = text.replace(self.password, "***")
+        return f"{self.name}: {text}"
+
+    def state(self, row) -> FileState:
+        row = list(row)
+        for at in (3, 4):   # numeric(20): Decimal, as ints again
+            if row[at] is not None:
+                row[at] = int(row[at])
+        return FileState(*row)
+
+    def files(self) -> list:
+        return [self.state(row) for row in self.live().execute(
+            PG_SELECT_FILES + " AND gone IS NULL", (self.host_id,))]
+
+    def gone_files(self, limit: int) -> list:
+        return [self.state(row) for row in self.live().execute(
+            PG_SELECT_FILES + " AND gone IS NOT NULL ORDER BY gone DESC, id DESC LIMIT %s",
+            (self.host_id, limit))]
+
+    def file_states(self, ids) -> dict:
+        if not ids:
+            return {}
+        rows = self.live().execute(PG_SELECT_FILES + " AND id = ANY(%s)",
+                                   (self.host_id, list(ids)))
+        return {state.id: state for state in map(self.state, rows)}
+
+    def max_file_id(self) -> int:
+        return self.live().execute("SELECT coalesce(max(id), 0) FROM files WHERE host_id = %s",
+                                   (self.host_id,)).fetchone()[0]
+
+    def add(self, rows: list) -> None:
+        self.begin()
+        cursor = self.conn.cursor()
+        for size, shaped in itertools.groupby(rows, len):     # runs of one shape, in order
+            with cursor.copy(COPY_ROW[size]) as copy:
+                for row in shaped:
+                    copy.write_row(row)
+
+    def save(self, states: list) -> None:
+        self.begin()
+        host_id = self.host_id
+        self.conn.cursor().executemany(PG_UPSERT_FILE, [(host_id, *state) for state in states])
+
+    def enable_fts(self) -> None:
+        """--fts: a trigram index of the messages (pg_trgm), for LIKE and ILIKE on them."""
+        try:
+            with self.transaction():
+                self.conn.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
+        except self.pg.Error as exc:
+            if self.is_transient(exc):
+                raise
+            raise Fatal(f"--fts needs the pg_trgm extension in {self.name}, which could not "
+                        f"be created ({self.explain(exc)}); a superuser can run CREATE "
+                        "EXTENSION pg_trgm there once") from None
+        with self.transaction():
+            self.conn.execute(PG_FTS)
+
+    def id_range(self) -> tuple:
+        # Retention by whole days needs no id ranges: one prune() is the whole sweep.
+        return (0, 0)
+
+    def prune(self, cutoff: str, low: int, span: int) -> int:
+        """Drop the days stored before cutoff (their partitions), and delete what the DEFAULT
+        partition holds of them; returns how many entries went."""
+        deleted = 0
+        cutoff_day = cutoff[:10].replace("-", "")
+        with self.transaction():
+            self.conn.execute(f"SET LOCAL lock_timeout = '{PARTITION_LOCK_TIMEOUT}'")
+            for day in sorted(self.partition_days()):
+                upper = datetime.strptime(day, "%Y%m%d") + timedelta(days=1)
+                if upper.strftime("%Y%m%d") <= cutoff_day:
+                    deleted += self.conn.execute(
+                        f"SELECT count(*) FROM entries_{day}").fetchone()[0]
+                    self.conn.execute(f"DROP TABLE entries_{day}")
+            deleted += self.conn.execute(
+                "DELETE FROM entries_default WHERE stored < %s::date", (cutoff[:10],)).rowcount
+        return deleted
+
+    def close(self) -> None:
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            try:
+                conn.close()    # ends the session: the host's lock goes with it
+            except self.pg.Error as exc:
+                log.debug("closing the connection: %s", exc)
+
+
+def read_pg_stats(url: str, host_name: str, now_s: float) -> Stats:
+    """What --stats shows of a server: this host's files and entries, and per host of the
+    fleet its entries, newest entry and last commit."""
+    store = PgStore(url, host_name, import_pg_driver())
+    try:
+        conn = store.pg.connect(store.conninfo(), autocommit=True)
+    except store.pg.Error as exc:
+        raise Fatal(store.explain(exc)) from None
+    try:
+        conn.execute("SET TIME ZONE 'UTC'")
+        conn.execute("SET default_transaction_read_only = on")
+        if conn.execute("SELECT to_regclass('meta') IS NULL OR to_regclass('entries') IS NULL"
+                        ).fetchone()[0]:
+            raise Fatal(f"{store.name} has no logtail2db schema")
+        host = conn.execute("SELECT id FROM hosts WHERE name = %s", (host_name,)).fetchone()
+        host_id = host[0] if host else -1
+        since = time.strftime("%Y-%m-%d %H:00:00", time.gmtime(now_s - 23 * 3600))
+        text_ts = "to_char(max(ts), 'YYYY-MM-DD HH24:MI:SS')"
+        return Stats(
+            conn.execute('SELECT path, path_bytes, "offset", gone FROM files WHERE host_id = %s'
+                         " ORDER BY path", (host_id,)).fetchall(),
+            conn.execute("SELECT level, count(*) FROM entries WHERE host_id = %s"
+                         " GROUP BY 1 ORDER BY 2 DESC, 1", (host_id,)).fetchall(),
+            conn.execute(f"SELECT {text_ts} FROM entries WHERE host_id = %s",
+                         (host_id,)).fetchone()[0],
+            since,
+            conn.execute("SELECT level, floor(extract(epoch FROM ts - %s::timestamptz) / 3600)::int,"
+                         " count(*) FROM entries WHERE host_id = %s AND ts >= %s::timestamptz"
+                         " GROUP BY 1, 2", (since, host_id, since)).fetchall(),
+            conn.execute("SELECT h.name, count(e.host_id), to_char(max(e.ts), 'YYYY-MM-DD HH24:MI:SS'),"
+                         " to_char(h.last_commit, 'YYYY-MM-DD HH24:MI:SS') FROM hosts AS h"
+                         " LEFT JOIN entries AS e ON e.host_id = h.id"
+                         " GROUP BY h.id ORDER BY h.name").fetchall())
+    except store.pg.Error as exc:
+        raise Fatal(store.explain(exc)) from None
+    finally:
+        conn.close()
+
+
+def open_store(target: str, mode: int = 0o600, host_name: str = None) -> Store:
+    """The store DATABASE names, open for writing: a PostgreSQL URL's server as host_name,
+    else an SQLite file (a new one gets mode)."""
+    if is_pg_url(target):
+        return PgStore.open(target, host_name or socket.gethostname())
     return SqliteStore.open(target, mode)
 
 
@@ -3239,6 +3860,8 @@ class Tailer:
         transaction. A fault that passes (disk full, locked) rolls back, rewinds every
         file to its committed offset and retries with back-off."""
         try:
+            if self.store.reconnect():
+                self.reload()
             with self.store.atomic(now):
                 step()
                 states = self.states(utc_now())
@@ -3253,7 +3876,7 @@ class Tailer:
                 raise
             self.rewind()
             self.directory.rescan_at = 0.0  # the step may have been a scan, cut short
-            self.backoff.failed(exc, now)
+            self.backoff.failed(self.store.explain(exc), now)
             return
         self.backoff.worked()
         self.committed(states)
@@ -3746,9 +4369,9 @@ class Tailer:
 
     def add_rows(self, t: Tracked, rows: list) -> None:
         if rows:
+            self.touched[t] = None      # first: when add() fails, rewind() takes t back too
             self.store.add(rows)
             self.added += len(rows)
-            self.touched[t] = None
         if t.builder.held is not None:
             self.holders.add(t)
         else:
@@ -3837,6 +4460,30 @@ class Tailer:
             t.builder = self.new_builder(t)
             self.pending[t] = None
 
+    def reload(self) -> None:
+        """The store connected again after losing its connection, maybe in a COMMIT that
+        was stored after all: what it holds decides, never a guess. A file stored further
+        than its committed state goes on from there; a departed file stored as gone is
+        not stored again."""
+        ids = [t.id for t in self.tracked.values()] + [state.id for state, _ in self.departed]
+        held = self.store.file_states(ids)
+        for t in self.tracked.values():
+            state = held.get(t.id)
+            if state is None or (state.offset, state.part) == (t.state.offset, t.state.part):
+                continue    # not stored yet, or as committed: rewind() put it there
+            log.debug("%s: stored up to %d after all", shown(t.name or state.path),
+                      state.offset)
+            t.state, t.pos = state, state.offset
+            t.checkpoints = [cp for cp in t.checkpoints if cp[0] < state.offset]
+            if state.resume_hash is not None:
+                t.checkpoints.append((state.offset, state.resume_hash))
+            t.builder = self.new_builder(t)
+            self.touched.pop(t, None)
+            self.pending[t] = None
+            self.originals.follow(t)
+        self.departed = [(state, rows) for state, rows in self.departed
+                         if state.id not in held or held[state.id].gone is None]
+
     def lose_worker(self, exc: WorkerLost) -> None:
         log.warning("%s; parsing in-process from now on", exc)
         if self.worker.file is not None:
@@ -3902,13 +4549,22 @@ def stats_text(stats: Stats, lags: list) -> str:
         lines.append(f"  {level:<10} {sparkline(counts)} {sum(counts):,}")
     if not per_level:
         lines.append("  (no entries with a time)")
+    if stats.hosts is not None:
+        lines += ["", f"{'host':<30} {'entries':>12} {'newest entry (UTC)':>20} "
+                      f"{'last commit (UTC)':>20}"]
+        for name, count, newest, last in stats.hosts:
+            lines.append(f"{shown(name):<30} {count:>12,} {newest or '-':>20} {last or '-':>20}")
     return "\n".join(lines) + "\n"
 
 
-def show_stats(path: str, max_lag, out=sys.stdout) -> int:
-    """Print what DATABASE holds; 3 when a file lags by more than max_lag bytes, else 0.
-    A reader that stops reading (--stats | head) changes neither."""
-    stats = read_sqlite_stats(path, time.time())
+def show_stats(path: str, max_lag, out=sys.stdout, host_name: str = None) -> int:
+    """Print what DATABASE holds (of a fleet's server: host_name's files, and every host);
+    3 when a file lags by more than max_lag bytes, else 0. A reader that stops reading
+    (--stats | head) changes neither."""
+    if is_pg_url(path):
+        stats = read_pg_stats(path, host_name or socket.gethostname(), time.time())
+    else:
+        stats = read_sqlite_stats(path, time.time())
     lags = file_lags(stats)
     try:
         out.write(stats_text(stats, lags))
@@ -3940,7 +4596,9 @@ application logs, multi-line stack traces, plain text) and committed together
 with its file's new offset in one transaction: restarts, kill -9, log rotation
 (rename or copytruncate) and files changed while stopped lose nothing and
 duplicate nothing. Query DATABASE with sqlite3 while it runs, e.g. the logs view:
-  SELECT ts, level, path, message FROM logs WHERE level = 'error' LIMIT 20"""
+  SELECT ts, level, path, message FROM logs WHERE level = 'error' LIMIT 20
+DATABASE may be a PostgreSQL URL that many hosts share (each its own --host-name):
+  postgresql://logtail@db.example.com/logs, postgresql:///logs?host=/var/run/postgresql"""
 
 EPILOG = """\
 exit status:
@@ -3948,7 +4606,8 @@ exit status:
   1  fatal error, one line "logtail2db: error: ..." on stderr
   2  usage error
   3  --stats: a file lags by more than --max-lag bytes
-  4  stopped by SIGTERM/SIGINT while DATABASE could not be written (full, locked):
+  4  stopped by SIGTERM/SIGINT while DATABASE could not be written (full, locked,
+     a PostgreSQL server unreachable):
      what was not stored is read again on the next start
 
 examples:
@@ -3961,6 +4620,8 @@ examples:
   logtail2db.py --stats --max-lag 1000000 app.db
       how far each file is read; exit 3 when one lags by more than 1 MB
   sqlite3 app.db "SELECT ts, level, path, message FROM logs ORDER BY id DESC LIMIT 20"
+  logtail2db.py /var/log/app postgresql://logtail@db.example.com/logs
+      one host of a fleet into a shared server (password in ~/.pgpass)
 """
 
 
@@ -4103,6 +4764,9 @@ def build_parser() -> argparse.ArgumentParser:
                          metavar="N", help="a multi-line entry longer than N lines goes on as "
                                            "a new entry")
     database = parser.add_argument_group("database")
+    database.add_argument("--host-name", default=socket.gethostname(), metavar="NAME",
+                          help="which host this tailer is, in a postgresql:// DATABASE that "
+                               "hosts share (one tailer per name at a time)")
     database.add_argument("--db-mode", type=file_mode, default=0o600, metavar="MODE",
                           help="permissions of a DATABASE it creates, and of its -wal and "
                                "-shm files: 0600 (only its owner), or 0640 for a group that "
@@ -4110,10 +4774,12 @@ def build_parser() -> argparse.ArgumentParser:
     database.add_argument("--fts", action="store_true",
                           help="keep a full-text index (SQLite FTS5) of the messages: "
                                "SELECT * FROM logs WHERE id IN (SELECT rowid FROM entries_fts "
-                               "WHERE entries_fts MATCH 'timeout')")
+                               "WHERE entries_fts MATCH 'timeout'); in PostgreSQL a pg_trgm "
+                               "index for LIKE and ILIKE on logs.message")
     database.add_argument("--keep", type=duration, metavar="DURATION",
                           help="delete entries older than DURATION (30d, 12h, 90m, 2w), a few "
-                               "at a time; offsets stay, so nothing is read again")
+                               "at a time; offsets stay, so nothing is read again (PostgreSQL: "
+                               "drops whole days, by when entries were stored)")
     database.add_argument("--stats", action="store_true",
                           help="show per file its size, offset and lag, entries per level and "
                                "per hour of the last day; reads DATABASE only, never writes")
@@ -4172,10 +4838,41 @@ def setup_logging(verbosity: int) -> None:
     log.propagate = False
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def open_waiting(args) -> Store | None:
+    """open_store(); a PostgreSQL server that cannot be reached is waited for with the
+    loop's back-off, SIGTERM/SIGINT ending the wait (None). The caller blocks them."""
+    backoff = Backoff()
+    while True:
+        try:
+            store = open_store(args.database, args.db_mode, args.host_name)
+        except PgLost as exc:
+            backoff.failed(exc, time.monotonic())
+        else:
+            backoff.worked()
+            return store
+        if signal.sigtimedwait(STOP_SIGNALS, max(0.0, backoff.at - time.monotonic())):
+            return None
+
+
 def run(args) -> int:
     if args.stats:
-        return show_stats(args.database, args.max_lag)
-    if args.db_mode & 0o060:
+        return show_stats(args.database, args.max_lag, host_name=args.host_name)
+    if is_pg_url(args.database):
+        # Until the handlers are in place a SIGTERM waits, blocked: while the server is
+        # waited for it ends the wait; once connected, the loop sees it at once.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return run_tailer(args)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    return run_tailer(args)
+
+
+def run_tailer(args) -> int:
+    if args.db_mode & 0o060 and not is_pg_url(args.database):
         log.info("--db-mode %04o: the group of %s may read it, as it may read the logs in it",
                  args.db_mode, args.database)
     directory = os.path.abspath(os.fsencode(args.directory))
@@ -4184,7 +4881,11 @@ def run(args) -> int:
             raise Fatal(f"{args.directory!r} is not a directory")
     except OSError as exc:
         raise Fatal(f"directory {args.directory!r}: {exc.strerror}")
-    store = open_store(args.database, args.db_mode)
+    store = open_waiting(args)
+    if store is None:
+        log.warning("stopped while %s could not be reached; nothing is stored, all is read "
+                    "on the next start", pg_url_parts(args.database)[0])
+        return EXIT_UNSTORED
     try:
         if args.fts:
             store.enable_fts()
@@ -4192,8 +4893,13 @@ def run(args) -> int:
         tailer.directory.skip_own_files(args.database)
         tailer.load()
         tailer.install_signals()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         tailer.run()
         log.info("%s: %s", "done" if args.once else "stopped", tailer.summary())
+    except store.errors as exc:
+        if isinstance(exc, sqlite3.Error):
+            raise   # main() says "database: ..."
+        raise Fatal(store.explain(exc)) from None
     finally:
         store.close()
     return EXIT_UNSTORED if tailer.backoff.at is not None else 0

@@ -3655,3 +3655,468 @@ def test_json_plan_reads_objects_as_the_key_by_key_search_does(stamps):
         obj = {key: rng.choice(values) for key in rng.sample(keys, rng.randrange(1, 8))}
         line = json.dumps(obj)
         assert parse_json(line, stamps) == lt._parse_json(json.loads(line), line, stamps), line
+
+
+# PostgreSQL: a fleet of hosts into one server #################################
+#
+# One server per test session, started here (initdb into a temporary directory, as an
+# unprivileged user when run as root, a unix socket only, fsync off); one database per
+# test. Without the server binaries or psycopg these tests fail: they never skip.
+
+PG_PASSWORD = "s3cr3t-Pa55word"
+
+
+def find_pg_bin():
+    """The directory of initdb and pg_ctl: on PATH, or Debian's /usr/lib/postgresql/*/bin."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                      key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit()
+                      else 0)
+    return versions[-1].parent if versions else None
+
+
+class PgServer:
+    """A PostgreSQL server of our own: data and socket in a temporary directory."""
+
+    def __init__(self):
+        import tempfile
+        self.bin = find_pg_bin()
+        if self.bin is None:
+            raise RuntimeError("no initdb on PATH or in /usr/lib/postgresql/*/bin: install "
+                               "postgresql (see .ci/run)")
+        self.base = Path(tempfile.mkdtemp(prefix="logtail2db-pg-"))
+        self.data, self.socket_dir = self.base / "data", self.base / "sock"
+        self.socket_dir.mkdir()
+        self.as_user = []
+        if os.getuid() == 0:    # initdb refuses root: the server runs as an unprivileged user
+            import pwd
+            user = next(name for name in ("postgres", "nobody") if _has_user(name))
+            entry = pwd.getpwnam(user)
+            for path in (self.base, self.socket_dir):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+            self.as_user = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}",
+                            "--clear-groups"]
+        self.run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                 "--no-locale", "--no-sync")
+        with open(self.data / "postgresql.conf", "a") as conf:
+            conf.write(f"fsync = off\nlisten_addresses = ''\nunix_socket_directories = "
+                       f"'{self.socket_dir}'\nmax_connections = 100\nfull_page_writes = off\n"
+                       "synchronous_commit = off\nshared_buffers = 64MB\n")
+        hba = self.data / "pg_hba.conf"
+        hba.write_text("local all pwuser scram-sha-256\nlocal all all trust\n")
+        self.start()
+        self.sql("postgres", f"CREATE ROLE pwuser LOGIN SUPERUSER PASSWORD '{PG_PASSWORD}'")
+
+    def run(self, program, *args, check=True):
+        return subprocess.run([*self.as_user, str(self.bin / program), *args],
+                              capture_output=True, timeout=120, check=check,
+                              cwd=self.base)
+
+    def start(self):
+        self.run("pg_ctl", "-D", str(self.data), "-l", str(self.base / "server.log"), "-w",
+                 "-t", "60", "start")
+
+    def stop(self, mode="fast"):
+        self.run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop", check=False)
+
+    def restart(self):
+        self.run("pg_ctl", "-D", str(self.data), "-l", str(self.base / "server.log"),
+                 "-m", "fast", "-w", "-t", "60", "restart")
+
+    def url(self, dbname, user="postgres"):
+        return f"postgresql:///{dbname}?host={self.socket_dir}&user={user}"
+
+    def connect(self, dbname="postgres"):
+        import psycopg
+        return psycopg.connect(host=str(self.socket_dir), dbname=dbname, user="postgres",
+                               autocommit=True)
+
+    def sql(self, dbname, sql, params=None):
+        with self.connect(dbname) as conn:
+            cursor = conn.execute(sql, params)
+            return cursor.fetchall() if cursor.description else []
+
+    def close(self):
+        self.stop("immediate")
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _has_user(name):
+    import pwd
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.fail('psycopg is not importable: pip install "psycopg[binary]" (see README)')
+    try:
+        server = PgServer()
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        pytest.fail(f"cannot start a PostgreSQL server: {exc} {detail.decode(errors='replace')}")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def pg(pg_server, request):
+    """A database of its own for this test; its URL is pg.url."""
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50]
+    pg_server.sql("postgres", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    pg_server.sql("postgres", f'CREATE DATABASE "{name}"')
+    return PgDatabase(pg_server, name)
+
+
+class PgDatabase:
+    def __init__(self, server, name):
+        self.server, self.name = server, name
+        self.url = server.url(name)
+
+    def query(self, sql, params=None):
+        try:
+            return self.server.sql(self.name, sql, params)
+        except Exception as exc:    # the tailer has not created the schema yet
+            if "does not exist" in str(exc):
+                return []
+            raise
+
+    def raws(self, host=None):
+        """Every entry's exact bytes (of one host), in the order stored."""
+        where, params = ("WHERE host = %s", (host,)) if host else ("", None)
+        return [bytes(row[0]) for row in self.query(
+            f"SELECT raw_bytes FROM logs {where} ORDER BY id", params)]
+
+
+def pg_daemon(pg, directory, tmp_path, *args, host="host-a", ready=True, command=None):
+    """The tailer of one host into pg's database, as a subprocess."""
+    stderr = tmp_path / f"stderr-{host}-{time.monotonic_ns()}"
+    daemon = Daemon(command or [sys.executable, TOOL], directory, pg.url, stderr,
+                    ("--host-name", host, *args))
+    if ready:
+        daemon.wait_ready()
+    return daemon
+
+
+@pytest.fixture
+def pg_daemons(pg, tmp_path):
+    """Start tailers (pg_daemons(directory, *args, host=...)); all are stopped at the end."""
+    started = []
+
+    def start(directory, *args, **kwargs):
+        daemon = pg_daemon(pg, directory, tmp_path, *args, **kwargs)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+def pg_once(pg, directory, *args, host="host-a", command=None):
+    return run_once("--host-name", host, *args, directory, pg.url, command=command)
+
+
+def pg_offsets_and_raws(pg, host="host-a"):
+    return [(row[0], bytes(row[1])) for row in pg.query(
+        'SELECT "offset", raw_bytes FROM logs WHERE host = %s ORDER BY file_id, "offset", part',
+        (host,))]
+
+
+def sqlite_offsets_and_raws(db):
+    return query(db, "SELECT offset, CAST(raw AS BLOB) FROM entries ORDER BY file_id, offset, "
+                     "part")
+
+
+def test_pg_three_hosts_into_one_server_exactly_once(pg, pg_daemons, tmp_path):
+    dirs = {}
+    for host in ("web-1", "web-2", "db-1"):
+        dirs[host] = tmp_path / host
+        dirs[host].mkdir()
+        append(dirs[host] / "app.log", numbered(0, 500, host.encode()))
+    for host, directory in dirs.items():
+        pg_daemons(directory, host=host)
+    for host, directory in dirs.items():
+        append(directory / "app.log", numbered(500, 1000, host.encode()))
+    for host in dirs:
+        expected = numbered(0, 1000, host.encode()).splitlines()
+        wait_for(lambda: pg.raws(host) == expected, 30, f"{host}'s lines",
+                 lambda: len(pg.raws(host)))
+    assert pg.query("SELECT name FROM hosts ORDER BY name") == [("db-1",), ("web-1",), ("web-2",)]
+    assert pg.query("SELECT count(*), count(DISTINCT (host, path, \"offset\")) FROM logs") == \
+        [(3000, 3000)]
+
+
+def test_pg_entries_and_offsets_match_sqlite(pg, logdir, db):
+    append(logdir / "sys.log", syslog_backlog(3000))
+    append(logdir / "app.json", b'{"level": "info", "msg": "a quoted message", "pid": 7}\n'
+           b'{"msg": "say \\"hi\\"", "x": 1}\n')
+    assert pg_once(pg, logdir).returncode == 0
+    assert run_once(logdir, db).returncode == 0
+    assert pg_offsets_and_raws(pg) == sqlite_offsets_and_raws(db)
+    messages = "SELECT message FROM logs WHERE path LIKE '%app.json' ORDER BY id"
+    assert pg.query(messages) == [("a quoted message",), ('say "hi"',)]
+    assert [tuple(row) for row in query(db, messages)] == pg.query(messages)
+    assert pg.query("SELECT count(*) FROM logs WHERE level IS NOT NULL OR program IS NOT NULL") \
+        == query(db, "SELECT count(*) FROM entries WHERE level IS NOT NULL OR program IS NOT NULL")
+    assert pg.query("SELECT ts FROM logs WHERE ts IS NOT NULL LIMIT 1")[0][0].utcoffset() \
+        is not None
+
+
+def test_pg_kill_9_at_random_moments_of_a_catch_up_exactly_once(pg, logdir, db, tmp_path):
+    append(logdir / "sys.log", syslog_backlog(200_000, seed=7))
+    append(logdir / "plain.log", numbered(0, 100_000))
+    assert run_once(logdir, db).returncode == 0
+    rng = random.Random(13)
+    for attempt in range(4):
+        daemon = pg_daemon(pg, logdir, tmp_path, ready=False)
+        before = pg.query("SELECT count(*) FROM entries")
+        count = before[0][0] if before else 0
+        wait_for(lambda: (pg.query("SELECT count(*) FROM entries") or [(0,)])[0][0] > count
+                 or daemon.proc.poll() is not None, 60, "some entries stored",
+                 lambda: daemon.stderr)
+        time.sleep(rng.random() * 0.3)  # a random moment of the catch-up, not a wait
+        daemon.kill()
+        for pid in children_of(daemon.proc.pid):
+            os.kill(pid, signal.SIGKILL)
+    assert pg_once(pg, logdir).returncode == 0
+    expected = sqlite_offsets_and_raws(db)
+    got = pg_offsets_and_raws(pg)
+    assert len(got) == len(expected)
+    assert got == expected
+
+
+def test_pg_connections_cut_during_a_catch_up_lose_and_double_nothing(pg, logdir, db, tmp_path):
+    """pg_terminate_backend() at random moments: COMMITs cut short, their outcome unknown
+    to the tailer until it reads the offsets back."""
+    append(logdir / "sys.log", syslog_backlog(300_000, seed=3))
+    append(logdir / "plain.log", numbered(0, 300_000))
+    assert run_once(logdir, db).returncode == 0
+    expected = sqlite_offsets_and_raws(db)
+    daemon = pg_daemon(pg, logdir, tmp_path, "-v", ready=False)
+    rng = random.Random(5)
+    cuts = 0
+
+    def stored():
+        return (pg.query("SELECT count(*) FROM entries") or [(0,)])[0][0]
+
+    wait_for(lambda: stored() > 0, 60, "the first entries", lambda: daemon.stderr[-2000:])
+    for _ in range(10):
+        if stored() >= len(expected):
+            break
+        assert daemon.proc.poll() is None, daemon.stderr[-2000:]
+        time.sleep(0.05 + rng.random() * 0.3)   # a random moment of the catch-up, not a wait
+        cuts += len(pg.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                             " WHERE application_name = 'logtail2db'"))
+    wait_for(lambda: stored() >= len(expected), 60, "the catch-up to end",
+             lambda: daemon.stderr[-2000:])
+    wait_for(lambda: "watching" in daemon.stderr, 30, "the tailer to watch")
+    assert daemon.terminate() == 0
+    assert cuts >= 3
+    assert "connected to" in daemon.stderr
+    assert pg_offsets_and_raws(pg) == expected
+
+
+def test_pg_server_restarted_while_lines_keep_coming(pg, pg_daemons, logdir):
+    log = logdir / "app.log"
+    daemon = pg_daemons(logdir)
+    stop = threading.Event()
+
+    def write():
+        n = 0
+        while not stop.is_set() and n < 3000:
+            append(log, numbered(n, n + 10))
+            n += 10
+            stop.wait(0.005)
+        written.append(n)
+
+    written = []
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        wait_for(lambda: len(pg.raws()) > 200, 30, "lines stored before the restart")
+        pg.server.restart()
+        wait_for(lambda: not writer.is_alive(), 60, "the writer to finish")
+    finally:
+        stop.set()
+        writer.join()
+    expected = numbered(0, written[0]).splitlines()
+    wait_for(lambda: pg.raws() == expected, 60, "every line once",
+             lambda: (len(pg.raws()), daemon.stderr[-1500:]))
+    assert "connected to" in daemon.stderr
+
+
+def test_pg_sigterm_while_the_server_is_down_exits_4_within_2_s(pg, pg_daemons, logdir):
+    append(logdir / "app.log", b"before\n")
+    daemon = pg_daemons(logdir)
+    wait_for(lambda: pg.raws() == [b"before"], 20, "the first line")
+    pg.server.stop()
+    try:
+        append(logdir / "app.log", b"while down\n")
+        wait_for(lambda: "cannot store entries" in daemon.stderr, 20, "the failure noticed",
+                 lambda: daemon.stderr)
+        started = time.monotonic()
+        assert daemon.terminate() == lt.EXIT_UNSTORED
+        assert time.monotonic() - started < 2
+        assert "read again on the next start" in daemon.stderr
+    finally:
+        pg.server.start()
+    assert pg_once(pg, logdir).returncode == 0
+    assert pg.raws() == [b"before", b"while down"]
+
+
+def test_pg_server_down_at_start_is_waited_for(pg, tmp_path, logdir):
+    append(logdir / "app.log", b"one\n")
+    pg.server.stop()
+    try:
+        daemon = pg_daemon(pg, logdir, tmp_path, ready=False)
+        wait_for(lambda: "cannot store entries" in daemon.stderr, 20, "the server missed",
+                 lambda: daemon.stderr)
+        assert daemon.proc.poll() is None
+    finally:
+        pg.server.start()
+    try:
+        wait_for(lambda: pg.raws() == [b"one"], 30, "the line stored once it is up",
+                 lambda: daemon.stderr)
+    finally:
+        daemon.stop()
+
+
+def test_pg_sigterm_while_waiting_for_the_server_at_start_exits_4(pg, tmp_path, logdir):
+    append(logdir / "app.log", b"one\n")
+    url = pg.server.url(pg.name).replace(str(pg.server.socket_dir), str(tmp_path / "no-server"))
+    daemon = Daemon([sys.executable, TOOL], logdir, url, tmp_path / "stderr", ())
+    wait_for(lambda: "cannot store entries" in daemon.stderr, 20, "the server missed",
+             lambda: daemon.stderr)
+    started = time.monotonic()
+    assert daemon.terminate() == lt.EXIT_UNSTORED
+    assert time.monotonic() - started < 2
+    assert "next start" in daemon.stderr
+
+
+def test_pg_second_tailer_for_the_same_host_exits_1(pg, pg_daemons, logdir, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    pg_daemons(logdir, host="web-1")
+    result = pg_once(pg, other, host="web-1")
+    assert result.returncode == 1
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1 and "already tailed" in lines[0] and "web-1" in lines[0], lines
+    assert pg_once(pg, other, host="web-2").returncode == 0
+
+
+def test_pg_invalid_utf8_and_nul_round_trip_through_raw_bytes(pg, logdir):
+    data = [b"bad \xff\xfe byte", b"nul \x00 inside", b"caf\xc3\xa9 fine", b"\x00",
+            b"<13>Nov 24 13:59:19 host app[1]: nul \x00 and bad \xc3 in syslog",
+            b'{"msg": "json \\u0000 nul", "level": "info", "k": "\\u0000"} \xff']
+    append(logdir / "odd.log", b"\n".join(data) + b"\n")
+    result = pg_once(pg, logdir, "--format", "plain")
+    assert result.returncode == 0, result.stderr
+    append(logdir / "sys.log", data[4] + b"\n")
+    assert pg_once(pg, logdir).returncode == 0
+    assert pg.raws() == data + [data[4]]
+    rows = pg.query("SELECT raw, message FROM logs ORDER BY id")
+    assert rows[0] == ("bad \ufffd\ufffd byte", "bad \ufffd\ufffd byte")
+    assert rows[1][0] == "nul \ufffd inside"
+    assert rows[2] == ("café fine", "café fine")
+
+
+def test_pg_keep_drops_a_day(pg, logdir):
+    append(logdir / "app.log", b"first\n")
+    assert pg_once(pg, logdir).returncode == 0
+    pg.query("CREATE TABLE entries_20200101 PARTITION OF entries"
+             " FOR VALUES FROM ('2020-01-01 00:00+00') TO ('2020-01-02 00:00+00')")
+    pg.query("INSERT INTO entries (host_id, file_id, \"offset\", raw, stored)"
+             " SELECT host_id, file_id, \"offset\" + 1000, 'old ' || raw, t FROM entries,"
+             " (VALUES ('2020-01-01 10:00+00'::timestamptz), ('2020-01-05 10:00+00')) AS v(t)")
+    assert len(pg.query("SELECT * FROM entries")) == 3
+    append(logdir / "app.log", b"second\n")
+    result = pg_once(pg, logdir, "--keep", "2d")
+    assert result.returncode == 0, result.stderr
+    assert pg.raws() == [b"first", b"second"]
+    assert pg.query("SELECT to_regclass('entries_20200101')") == [(None,)]
+    assert b"deleted 2 entries" in result.stderr
+
+
+def test_pg_fts_builds_a_trigram_index(pg, logdir):
+    append(logdir / "app.log", b"connection timeout to db\nall good\n")
+    assert pg_once(pg, logdir, "--fts").returncode == 0
+    assert pg.query("SELECT indexname FROM pg_indexes WHERE tablename = 'entries'") == \
+        [("entries_message_trgm",)]
+    assert pg.query("SELECT message FROM logs WHERE message ILIKE '%timeout%'") == \
+        [("connection timeout to db",)]
+
+
+def test_pg_driver_missing_is_one_line(pg, logdir):
+    result = pg_once(pg, logdir, command=[sys.executable, "-S", TOOL])
+    assert result.returncode == 1
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    assert "apt-get install python3-psycopg" in lines[0]
+    assert 'pip install "psycopg[binary]"' in lines[0]
+
+
+def test_pg_password_never_shows(pg, logdir, tmp_path):
+    append(logdir / "app.log", b"one\n")
+    socket_dir = pg.server.socket_dir
+    right = f"postgresql://pwuser:{PG_PASSWORD}@/{pg.name}?host={socket_dir}"
+    wrong = f"postgresql://pwuser:{PG_PASSWORD}x@/{pg.name}?host={socket_dir}"
+    in_query = f"postgresql:///{pg.name}?host={socket_dir}&user=pwuser&password={PG_PASSWORD}y"
+    for url, status in ((wrong, 1), (in_query, 1), (right, 0)):
+        result = run_once("-v", "--host-name", "h", logdir, url)
+        assert result.returncode == status, result.stderr
+        assert PG_PASSWORD.encode() not in result.stderr
+        stats = subprocess.run([sys.executable, TOOL, "--stats", "--host-name", "h", url],
+                               capture_output=True, timeout=60)
+        assert PG_PASSWORD.encode() not in stats.stdout + stats.stderr
+    assert b"password authentication failed" in run_once(logdir, wrong).stderr
+
+
+def test_pg_permanent_faults_exit_1_with_one_line(pg, pg_server, logdir):
+    missing = pg_server.url("no_such_database")
+    result = run_once(logdir, missing)
+    assert result.returncode == 1
+    assert result.stderr.decode().count("\n") == 1 and b"does not exist" in result.stderr
+    pg.query("CREATE TABLE files (x int)")
+    result = pg_once(pg, logdir)
+    assert result.returncode == 1
+    assert b"another program" in result.stderr and result.stderr.decode().count("\n") == 1
+    assert pg.query("SELECT tablename FROM pg_tables WHERE schemaname = 'public'") == \
+        [("files",)]
+
+
+def test_pg_stats_shows_this_hosts_lag_and_every_host(pg, logdir, tmp_path):
+    append(logdir / "app.log", b"a\nb\n")
+    assert pg_once(pg, logdir, host="web-1").returncode == 0
+    assert pg_once(pg, logdir, host="web-2").returncode == 0
+    append(logdir / "app.log", b"c\n")
+    result = subprocess.run([sys.executable, TOOL, "--stats", "--max-lag", "1", "--host-name",
+                             "web-1", pg.url], capture_output=True, timeout=60)
+    out = result.stdout.decode()
+    assert result.returncode == 3, result.stderr
+    assert re.search(r"app\.log +6 B +4 B +2 B", out), out
+    assert re.search(r"^web-1 +2 ", out, re.M) and re.search(r"^web-2 +2 ", out, re.M), out
+
+
+def test_pg_schema_is_versioned(pg, logdir):
+    assert pg_once(pg, logdir).returncode == 0
+    assert pg.query("SELECT key, value FROM meta ORDER BY key") == \
+        [("program", "logtail2db"), ("schema_version", str(lt.PG_SCHEMA_VERSION))]
+    pg.query("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    result = pg_once(pg, logdir)
+    assert result.returncode == 1 and b"newer" in result.stderr
+
+
+def test_pg_url_password_is_scrubbed():
+    assert lt.pg_url_parts("postgresql://u:p%40ss@db:5432/logs?sslmode=require") == \
+        ("postgresql://u@db:5432/logs?sslmode=require", "p%40ss")
+    assert lt.pg_url_parts("postgres:///logs?host=/run/pg&password=x&user=u") == \
+        ("postgres:///logs?host=/run/pg&user=u", "x")

@@ -34,6 +34,10 @@ status is 0. MB are 10^6 bytes. The measurements (NAME for --only):
   longline   peak RSS and wall time of `--once` over a single line of 200 MB.
   manyfiles  `--once` over many small files, then the daemon over the same files: files/s,
              and the most fds the daemon holds open (sampled every 50 ms).
+  pg         `--once` of the syslog catch-up corpus into a PostgreSQL server the bench starts
+             itself (initdb into the work directory, unix socket, fsync off; as an unprivileged
+             user when run as root), beside the SQLite catch-up of the same corpus; the floor
+             is psql's \copy of the same lines into a one-column table.
 
 --quick is a smaller run (100k lines, 5 stop trials, 2 s latency runs, 5 lone lines per
 format, 3 s idle, 20 MB line, 1,000 files).
@@ -65,7 +69,7 @@ import time
 import urllib.parse
 
 TOOL = pathlib.Path(__file__).resolve().parent.parent / "logtail2db.py"   # --tool's default
-MEASUREMENTS = ("catchup", "stop", "latency", "lone", "idle", "longline", "manyfiles")
+MEASUREMENTS = ("catchup", "stop", "latency", "lone", "idle", "longline", "manyfiles", "pg")
 FULL = {"lines": 1_000_000, "latency_s": 10.0, "idle_s": 10.0, "line_mb": 200, "files": 10_000,
         "stop_trials": 20, "lone_lines": 20}
 QUICK = {"lines": 100_000, "latency_s": 2.0, "idle_s": 3.0, "line_mb": 20, "files": 1_000,
@@ -511,6 +515,105 @@ def measure_catchup(work: pathlib.Path, tool: pathlib.Path, lines: int) -> list:
                 if runs else
                 Row("peak RSS, catch-up", "-", "MB", "not measured: every catch-up failed",
                     at_most(64)))
+    return rows
+
+
+def pg_bin() -> pathlib.Path | None:
+    """The directory of initdb, pg_ctl and psql: on PATH, or Debian's."""
+    found = shutil.which("initdb")
+    if found:
+        return pathlib.Path(found).resolve().parent
+    found = sorted(pathlib.Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                   key=lambda path: path.parent.parent.name.zfill(4))
+    return found[-1].parent if found else None
+
+
+@contextlib.contextmanager
+def pg_server(work: pathlib.Path):
+    """A PostgreSQL server of the bench's own; yields (its bin directory, a URL maker)."""
+    bin_dir = pg_bin()
+    if bin_dir is None:
+        raise BenchError("no initdb on PATH or in /usr/lib/postgresql/*/bin (apt-get install "
+                         "postgresql)")
+    base = pathlib.Path(tempfile.mkdtemp(prefix="pg-", dir=work))
+    data, sock = base / "data", base / "sock"
+    sock.mkdir()
+    as_user = []
+    if os.getuid() == 0:    # initdb refuses root
+        import pwd
+        for name in ("postgres", "nobody"):
+            try:
+                entry = pwd.getpwnam(name)
+                break
+            except KeyError:
+                continue
+        os.chmod(work, 0o755)   # mkdtemp's 0700: the server's user must reach base
+        for path in (base, sock):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+        as_user = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}",
+                   "--clear-groups"]
+
+    def run(*args):
+        done = subprocess.run([*as_user, *map(str, args)], capture_output=True, cwd=base,
+                              timeout=300)
+        if done.returncode != 0:
+            raise BenchError(f"{args[0]}: {tail(done.stderr)}")
+
+    run(bin_dir / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
+        "--no-locale", "--no-sync")
+    with open(data / "postgresql.conf", "a") as conf:
+        conf.write(f"fsync = off\nlisten_addresses = ''\nunix_socket_directories = '{sock}'\n"
+                   "synchronous_commit = off\nshared_buffers = 128MB\nmax_wal_size = 4GB\n")
+    run(bin_dir / "pg_ctl", "-D", data, "-l", base / "server.log", "-w", "start")
+    try:
+        yield bin_dir, lambda db: f"postgresql:///{db}?host={sock}&user=postgres"
+    finally:
+        run(bin_dir / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
+
+
+def measure_pg(work: pathlib.Path, tool: pathlib.Path, lines: int) -> list:
+    syslog_dir = work / "pg-syslog"
+    progress(f"pg: writing {lines:,} syslog lines")
+    make_catchup_corpus(syslog_dir, work / "pg-json", lines)
+    size = dir_bytes(syslog_dir)
+    rows = []
+    progress("pg: SQLite catch-up of the same corpus")
+    db = work / "pg-sqlite.db"
+    sqlite_run = time_once(tool, syslog_dir, db, "--format", "syslog")
+    rows.append(Row("SQLite catch-up, syslog (parsed)", lines / sqlite_run.seconds, "lines/s",
+                    rate_note(sqlite_run, lines, size) + rows_note(count_rows(db), lines)))
+    with pg_server(work) as (bin_dir, url):
+        psql = [str(bin_dir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1"]
+        for name in ("floor", "catchup"):
+            subprocess.run([*psql, url("postgres"), "-c", f"CREATE DATABASE {name}"], check=True,
+                           capture_output=True)
+        progress("pg: floor, psql \\copy of the same lines")
+        # Fields split at \037 and quoted by \036, which the corpus never holds: a row a line.
+        script = ["CREATE TABLE lines (raw text);"] + [
+            f"\\copy lines FROM '{path}' WITH (FORMAT csv, DELIMITER E'\\x1f', QUOTE E'\\x1e')"
+            for path in sorted(syslog_dir.iterdir())]
+        with tempfile.TemporaryFile() as stdin:
+            stdin.write("\n".join(script).encode() + b"\n")
+            stdin.seek(0)
+            floor = run_measured([*psql, url("floor")], stdin=stdin)
+        rows.append(Row("floor: psql \\copy, syslog", lines / floor.seconds, "lines/s",
+                        rate_note(floor, lines, size)))
+        progress("pg: catch-up into PostgreSQL")
+        try:
+            pg_run = time_once(tool, syslog_dir, url("catchup"), "--format", "syslog",
+                               "--host-name", "bench")
+        except BenchError as exc:
+            return rows + [Row("PostgreSQL catch-up, syslog (parsed)", "FAILED", "", str(exc))]
+        stored = subprocess.run([*psql, "-At", url("catchup"), "-c",
+                                 "SELECT count(*) FROM entries"], capture_output=True)
+        found = int(stored.stdout or 0)
+        rows.append(Row("PostgreSQL catch-up, syslog (parsed)", lines / pg_run.seconds,
+                        "lines/s", f"{rate_note(pg_run, lines, size)}, peak RSS "
+                        f"{pg_run.rss_mb:.0f} MB" + rows_note(found, lines)))
+    rows += ratio_row("PostgreSQL / SQLite catch-up", pg_run, sqlite_run, lines,
+                      "the SQLite catch-up of the same corpus", at_least(0.5))
+    rows += ratio_row("PostgreSQL / \\copy", pg_run, floor, lines,
+                      "floor, psql \\copy of the same lines")
     return rows
 
 
@@ -1031,6 +1134,7 @@ def main(argv=None) -> int:
         "idle": lambda: measure_idle(work, tool, scale["idle_s"]),
         "longline": lambda: measure_long_line(work, tool, scale["line_mb"]),
         "manyfiles": lambda: measure_many_files(work, tool, scale["files"]),
+        "pg": lambda: measure_pg(work, tool, lines),
     }
     rows = []
     try:
