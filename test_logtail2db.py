@@ -6,6 +6,7 @@ every wait polls with a deadline (wait_for), none sleeps and hopes.
 
 import calendar
 import collections
+import contextlib
 import errno
 import json
 import os
@@ -1273,8 +1274,10 @@ def test_disk_full_is_retried_and_nothing_is_lost_or_doubled(tailer, logdir, sma
     assert "writable again" in daemon.stderr
 
 
-def test_locked_database_is_retried(tailer, logdir, db):
-    daemon = tailer()
+@contextlib.contextmanager
+def locked_after_one_line(daemon, logdir, db):
+    """'one' stored, then another writer holds the lock while 'two' is written and the
+    tailer has said it cannot store it; the lock is let go at the end."""
     append(logdir / "app.log", b"one\n")
     wait_for(lambda: raws(db) == [b"one"], 10, "the first line", lambda: raws(db))
     other = sqlite3.connect(db, isolation_level=None)
@@ -1283,10 +1286,16 @@ def test_locked_database_is_retried(tailer, logdir, db):
         append(logdir / "app.log", b"two\n")
         wait_for(lambda: "database is locked" in daemon.stderr, 20, "the error logged",
                  lambda: daemon.stderr)
-        assert raws(db) == [b"one"]
+        yield
     finally:
         other.execute("ROLLBACK")
         other.close()
+
+
+def test_locked_database_is_retried(tailer, logdir, db):
+    daemon = tailer()
+    with locked_after_one_line(daemon, logdir, db):
+        assert raws(db) == [b"one"]
     wait_for(lambda: raws(db) == [b"one", b"two"], 60, "the line once the lock is gone",
              lambda: raws(db))
 
@@ -1382,18 +1391,8 @@ def test_utf8_boundary(data, cut, expected):
 
 def test_stopped_while_the_database_is_locked_exits_4_and_loses_nothing(tailer, logdir, db):
     daemon = tailer()
-    append(logdir / "app.log", b"one\n")
-    wait_for(lambda: raws(db) == [b"one"], 10, "the first line", lambda: raws(db))
-    other = sqlite3.connect(db, isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")        # another writer holds the lock
-    try:
-        append(logdir / "app.log", b"two\n")
-        wait_for(lambda: "database is locked" in daemon.stderr, 20, "the error logged",
-                 lambda: daemon.stderr)
+    with locked_after_one_line(daemon, logdir, db):
         assert daemon.terminate(timeout=10) == lt.EXIT_UNSTORED
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
     assert "will be read again on the next start" in daemon.stderr
     assert run_once(logdir, db).returncode == 0
     assert raws(db) == [b"one", b"two"]
@@ -1520,7 +1519,7 @@ def test_wal_shrinks_once_a_long_reader_lets_go(tailer, logdir, db):
     while wal.stat().st_size > lt.WAL_LIMIT_BYTES:     # more lines: checkpoints, restarts
         assert time.monotonic() < deadline, f"the WAL stayed at {wal.stat().st_size} bytes"
         append(logdir / "app.log", b"more\n")
-        time.sleep(0.1)
+        time.sleep(0.1)     # the pace of the lines that make commits; the loop polls the WAL
     assert daemon.proc.poll() is None
 
 
