@@ -1541,6 +1541,16 @@ class FullRows:
                 json.dumps(fields, ensure_ascii=False, separators=(",", ":")) if fields else None,
                 raw, message, msg_at, part)
 
+    @classmethod
+    def syslog_lines(cls, file_id, offsets, lines, found, minutes):
+        return [cls.entry(file_id, offset,
+                          (minutes[minute] + seconds, host, program, int(pid) if pid else None,
+                           first and (lt.STATED_LEVELS.get(first) or lt.STATED_LEVELS.get(then))
+                           or None,
+                           None, line[len(head):]), line, None, len(head) + 1, None)
+                for offset, line, (head, minute, seconds, host, program, pid, first, then)
+                in zip(offsets, lines, found)]
+
 
 def build(data: bytes, *, format="plain", offset=0, multiline_start=None, max_entry_bytes=1 << 20,
           max_entry_lines=500, stamps=None):
@@ -1736,6 +1746,10 @@ class GeneralLoopOnly(lt.EntryBuilder):
         return self._feed_lines(lines, lines, sizes, heads, offset)
 
     def _feed_entries(self, lines, sizes, heads, offset):
+        return self._feed_lines(lines, lines, sizes, heads, offset)
+
+    def _feed_syslog(self, lines, sizes, found, offset):
+        heads = [self.parse(line, self.stamps) for line in lines]
         return self._feed_lines(lines, lines, sizes, heads, offset)
 
 
@@ -2228,7 +2242,10 @@ def test_two_core_catch_up_of_several_big_files(logdir, tmp_path):
     assert query(tmp_path / "2.db", ENTRY_COLUMNS) == query(tmp_path / "1.db", ENTRY_COLUMNS)
 
 
-def test_parse_worker_is_free_again_once_its_run_is_taken(tmp_path, stamps):
+@pytest.mark.parametrize("frame_bytes", [lt.WORKER_FRAME, 16])    # and its buffer grown
+def test_parse_worker_is_free_again_once_its_run_is_taken(tmp_path, stamps, frame_bytes,
+                                                          monkeypatch):
+    monkeypatch.setattr(lt, "WORKER_FRAME", frame_bytes)
     path = tmp_path / "syslog"
     path.write_bytes(syslog_backlog(20000))
     options = lt.ParseOptions("syslog", None, None, 1 << 20, 500)
@@ -2237,19 +2254,20 @@ def test_parse_worker_is_free_again_once_its_run_is_taken(tmp_path, stamps):
     t.fd = os.open(path, os.O_RDONLY)
     t.builder = lt.EntryBuilder(1, options, stamps, lt.SqliteRows, "syslog")
     worker = lt.ParseWorker(options, lt.SqliteRows)
-    rows = []
+    counts = []     # of the rows in each batch taken
     try:
-        worker.take(t, 1 << 20, lambda file, more: rows.extend(more))     # its run begins
+        worker.take(t, 1 << 20, lambda file, batch: counts.append(batch[0]))   # its run begins
         deadline = time.monotonic() + 30
         while not worker.free():
             assert time.monotonic() < deadline, (t.pos, worker.file, len(worker.chunks))
             if worker.wants_input() and select.select([worker], [], [], 1)[0]:
                 worker.receive()
-            worker.take(t, 1 << 20, lambda file, more: rows.extend(more))
+            worker.take(t, 1 << 20, lambda file, batch: counts.append(batch[0]))
         assert t.pos == path.stat().st_size
-        rows += t.builder.flush()
-        assert len(rows) == len(lt.EntryBuilder(1, options, stamps, lt.SqliteRows, "syslog")
-                                .feed(path.read_bytes(), 0)) + 1
+        assert len(counts) > 1
+        assert sum(counts) + len(t.builder.flush()) == len(
+            lt.EntryBuilder(1, options, stamps, lt.SqliteRows, "syslog")
+            .feed(path.read_bytes(), 0)) + 1
     finally:
         worker.close()
         os.close(t.fd)
@@ -2567,6 +2585,8 @@ def test_older_schema_is_migrated_in_one_transaction(logdir, db, tmp_path):
     assert run_once(logdir, fresh).returncode == 0
     schema = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name"
     assert query(db, schema) == query(fresh, schema)
+    # A new database has bigger pages; an old one keeps its own (WAL mode cannot change it).
+    assert query(fresh, "PRAGMA page_size") == [(lt.PAGE_SIZE,)] != query(db, "PRAGMA page_size")
 
 
 def test_failed_migration_leaves_the_database_as_it_was(logdir, db):
@@ -3083,6 +3103,10 @@ def test_parse_journald_rejects(stamps, line):
      entry(ts=None, fields={"ts": True, "level": "verbose", "pid": True, "host": 7}, message="x")),
     ('{"ts":1795528759,"pid":"123","msg":"x"}', entry(pid=123, message="x")),
     ('{"ts":1795528759,"pid":-1,"msg":"x"}', entry(fields={"pid": -1}, message="x")),
+    ('{"ts":1795528759,"pid":null,"host":null,"msg":"x","other":null}',   # null: no value
+     entry(fields={"other": None}, message="x")),
+    ('{"time":null,"ts":1795528759,"hostname":"h","host":null,"msg":"x"}',
+     entry(host="h", message="x")),
     ('{"msg":42,"message":"second"}', entry(ts=None, fields={"msg": 42}, message="second")),
     ('{"msg":42}', entry(ts=None, fields={"msg": 42}, message='{"msg":42}')),
     ('{"ts":1795528759,"req":{"id":1,"headers":["a","b"]},"msg":"x"}',
@@ -3644,6 +3668,50 @@ def test_syslog_fast_path_reads_lines_as_the_general_code_does(stamps):
     assert 200 < matched < 4500     # both kinds of line are seen
 
 
+@pytest.mark.parametrize("rows", [lt.SqliteRows, lt.PgRows(7)], ids=["sqlite", "pg"])
+def test_syslog_chunk_makes_the_rows_line_by_line_parsing_makes(stamps, rows, monkeypatch):
+    rng = random.Random(6)
+    times = ["Nov 24 13:59:19", "Nov  4 03:05:09", "Jan  1 00:00:00", "Dec 31 23:59:59"]
+    hosts = ["web-01", "h\tost", "[::1]", "caf\u00e9"]
+    tags = ["nginx", "postfix/smtpd", "p[12]", "CRON[12]", "x"]
+    ends = [": ", ": hello: there", ":  two  spaces", ": error: x", ": Warning: y",
+            ": prog: fatal: z", ": prog: hello: z", ": error:", ": a b: error: x",
+            ": pam(x:y): error: z", ": caf\u00e9: error: \u00e9", ": WARN: w"]
+    odd = ["Feb 30 00:00:00 web-01 p: m", "Foo 24 13:59:19 web-01 p: m", "Nov 24 13:59:60 web-01 p: m", "  continued", "",
+           "Nov 24 13:59:19.5 web-01 p: m", "Nov 24 13:59:19 web-01 a:b: m",
+           "Nov 24 13:59:19 web-01 p[1234567890]: m", "Nov 24 13:59:19 web-01 p[\u0663]: m",
+           "Nov 24 13:59:19 web-01 sd[1]x: m", "Nov 24 13:59:19 web-01 p[]x: m",
+           "Nov 24 13:59:19 web-01 no colon", "Nov 24 13:59",
+           "Nov 24 13:59:19 web-01\nNov 24 13:59:19 web-01 p: m"]
+
+    def chunk(odd_one: bool) -> str:
+        lines = [f"{rng.choice(times)} {rng.choice(hosts)} {rng.choice(tags)}{rng.choice(ends)}"
+                 for _ in range(rng.randrange(1, 40))]
+        if odd_one:     # a line the chunk's regex cannot take: the chunk goes line by line
+            lines.insert(rng.randrange(len(lines) + 1), rng.choice(odd))
+        return "".join(line + "\n" for line in lines)
+
+    chunks = [chunk(odd_one=rng.random() < 0.3) for _ in range(400)]
+    options = lt.ParseOptions("syslog", None, None, 1 << 20, 1000)
+
+    def rows_of(builder) -> list:
+        made, offset = [], 0
+        for text in chunks:
+            data = text.encode()
+            made.extend(builder.feed(data, offset))
+            offset += len(data)
+            made.append(("held", builder.held))
+        return made + builder.flush()
+
+    fast = rows_of(lt.EntryBuilder(1, options, stamps, rows))
+    taken = []
+    monkeypatch.setattr(lt, "syslog_chunk", lambda text, stamps: taken.append(text))
+    assert fast == rows_of(lt.EntryBuilder(1, options, stamps, rows))
+    assert len(taken) == len(chunks)
+    assert sum(lt.SYSLOG_CHUNK_RE.findall(text).__len__() == text.count("\n")
+               for text in chunks) > 200    # most chunks took the fast path
+
+
 def test_json_plan_reads_objects_as_the_key_by_key_search_does(stamps):
     rng = random.Random(7)
     values = ["2026-11-24T13:59:19Z", 1795528759, "info", "WARN", 30, 99, "text", "", None,
@@ -3654,6 +3722,38 @@ def test_json_plan_reads_objects_as_the_key_by_key_search_does(stamps):
         obj = {key: rng.choice(values) for key in rng.sample(keys, rng.randrange(1, 8))}
         line = json.dumps(obj)
         assert parse_json(line, stamps) == lt._parse_json(json.loads(line), line, stamps), line
+
+
+def test_json_chunk_reads_lines_as_parse_json_does(stamps):
+    rng = random.Random(8)
+    usable = {"time": ["2026-11-24T13:59:19Z", 1795528759, "2026-11-24 13:59:19,5", None],
+              "ts": [1795528759.25, "2026-11-24T13:59:19+01:00"],
+              "level": ["info", "WARN", 30, "error"], "severity": [3, "debug"],
+              "msg": ["text", "", "caf\u00e9 \u00e9", 'say "hi"', "a\\b"],
+              "message": ["second"], "host": ["web-01", "", None], "hostname": ["h"],
+              "program": ["nginx"], "app": ["api"], "pid": [1234, "77", None],
+              "other": [1, "x", None, ["a"], {"k": 1}, True]}
+    odd = [None, ["a"], {"k": 1}, True, 1.5, -1, "yesterday", 99, "1234567890"]
+    shapes = [rng.sample(sorted(usable), rng.randrange(1, 7)) for _ in range(12)]
+    fast = 0
+    for _ in range(600):
+        lines = []
+        for _ in range(rng.randrange(1, 30)):
+            keys = rng.choice(shapes[:rng.randrange(1, len(shapes))])
+            obj = {key: rng.choice(odd if rng.random() < 0.01 else usable[key]) for key in keys}
+            lines.append(json.dumps(obj, ensure_ascii=rng.random() < 0.5))
+        if rng.random() < 0.05:
+            lines.insert(0, rng.choice(['{"a": 1} ', ' {"a": 1}', '[1]', 'not json', '{"a": "\\ud800"}',
+                                        '{"__REALTIME_TIMESTAMP": "1796211176655353"}', '{"a": 1}{}']))
+        text = "".join(line + "\n" for line in lines)
+        heads = lt.json_chunk(text, lines, stamps)
+        if heads is not None:
+            fast += 1
+            assert heads == [parse_json(line, stamps) for line in lines], text
+    assert 100 < fast < 590
+    for line in ['{"time": null, "ts": 1795528759, "msg": "x"}', '{"host": null, "hostname": "h"}',
+                 '{"msg": null, "message": "m"}', '{"pid": null, "msg": "m"}']:
+        assert lt.json_chunk(line + "\n", [line], stamps) in (None, [parse_json(line, stamps)])
 
 
 # PostgreSQL: a fleet of hosts into one server #################################

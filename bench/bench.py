@@ -253,7 +253,10 @@ def dir_bytes(directory: pathlib.Path) -> int:
 # Running things ###############################################################
 
 def run_measured(cmd: list, stdin=subprocess.DEVNULL) -> Run:
-    """Run CMD to its end: wall time of the whole process, its peak RSS and CPU (via wait4)."""
+    """Run CMD to its end: wall time of the whole process, its peak RSS and CPU (via wait4).
+    Every run starts with nothing left to write back of the runs before it: their writeback
+    slowed the next run's fsyncs by up to 40% (measured), whichever program ran next."""
+    os.sync()
     with tempfile.TemporaryFile() as err:
         started = time.monotonic()
         proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.DEVNULL, stderr=err)
