@@ -123,7 +123,7 @@ DB_SUFFIXES = (b"", b"-wal", b"-shm", b"-journal")
 SQLITE_MAGIC = b"SQLite format 3\x00"
 FORMATS = ("auto", "syslog", "journald", "json", "docker", "cri", "logfmt", "clf", "app", "java",
            "plain")
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MIN_SQLITE = (3, 31)            # generated columns (entries.message)
 WAL_LIMIT_BYTES = 16 << 20      # the -wal file is truncated to this once readers let it be
 PAGE_SIZE = 16384               # of a new database: rows of 100-300 B fill 16 KiB pages better
@@ -1924,7 +1924,7 @@ class EntryBuilder:
 
 # Stores #######################################################################
 
-SCHEMA = r"""-- logtail2db schema, version 3 (kept in PRAGMA user_version).
+SCHEMA = r"""-- logtail2db schema, version 4 (kept in PRAGMA user_version).
 -- Applied when the database is new; logtail2db.py carries the same text.
 
 -- One row per file identity: (dev, ino) guarded by the file's first bytes.
@@ -1964,9 +1964,9 @@ CREATE TABLE entries (
                                     -- raw from there on; when negative, from -msg_at up to the
                                     -- next '"' (a quoted JSON or logfmt value)
     part     INTEGER,               -- 1, 2, ... for pieces of an entry over --max-entry-bytes
-    message  TEXT NOT NULL GENERATED ALWAYS AS (coalesce(msg, CASE WHEN msg_at > 0
-        THEN substr(raw, msg_at)
-        ELSE substr(raw, -msg_at, instr(substr(raw, -msg_at), '"') - 1) END)) VIRTUAL
+    message  TEXT NOT NULL GENERATED ALWAYS AS (CASE WHEN msg IS NOT NULL THEN msg
+        WHEN msg_at = 1 THEN raw WHEN msg_at > 0 THEN substr(raw, msg_at)
+        ELSE substr(raw, -msg_at, instr(substr(raw, -msg_at), '"') - 1) END) VIRTUAL
 );
 
 -- Who is writing: the pid of the running tailer, for the refusal message.
@@ -1989,7 +1989,7 @@ SELECT e.id, e.ts, e.level, f.path, e.host, e.program, e.pid, e.message, e.field
        e.file_id, e.offset, e.part
 FROM entries AS e JOIN files AS f ON f.id = e.file_id;
 
-PRAGMA user_version = 3;
+PRAGMA user_version = 4;
 """
 
 # The entries table of version 3, as a migration writes it (and as SCHEMA has it).
@@ -2013,6 +2013,29 @@ ENTRIES_V3 = r"""CREATE TABLE entries (
     message  TEXT NOT NULL GENERATED ALWAYS AS (coalesce(msg, CASE WHEN msg_at > 0
         THEN substr(raw, msg_at)
         ELSE substr(raw, -msg_at, instr(substr(raw, -msg_at), '"') - 1) END)) VIRTUAL
+)"""
+# Version 4: the same message, read without a copy when it is all of raw (a virtual column is
+# computed for every row inserted: plain lines' inserts took 0.67 against 0.49 us a row).
+ENTRIES_V4 = r"""CREATE TABLE entries (
+    id       INTEGER PRIMARY KEY,
+    file_id  INTEGER NOT NULL REFERENCES files(id),
+    offset   INTEGER NOT NULL,      -- byte offset of the entry's first byte in its file
+    ts       TEXT,                  -- UTC 'YYYY-MM-DD HH:MM:SS[.ffffff]', NULL when unknown
+    host     TEXT,
+    program  TEXT,
+    pid      INTEGER,
+    level    TEXT,                  -- trace debug info notice warning error critical alert emergency
+    fields   TEXT,                  -- other parsed fields, a JSON object
+    raw      NOT NULL,              -- the entry without its final '\n' or '\r\n': TEXT, or a BLOB
+                                    -- when it is not valid UTF-8; CAST(raw AS BLOB) = its bytes
+    msg      TEXT,                  -- the message when it is not found in raw (else NULL)
+    msg_at   INTEGER NOT NULL DEFAULT 1,   -- where the message starts in raw (1-based): it is
+                                    -- raw from there on; when negative, from -msg_at up to the
+                                    -- next '"' (a quoted JSON or logfmt value)
+    part     INTEGER,               -- 1, 2, ... for pieces of an entry over --max-entry-bytes
+    message  TEXT NOT NULL GENERATED ALWAYS AS (CASE WHEN msg IS NOT NULL THEN msg
+        WHEN msg_at = 1 THEN raw WHEN msg_at > 0 THEN substr(raw, msg_at)
+        ELSE substr(raw, -msg_at, instr(substr(raw, -msg_at), '"') - 1) END) VIRTUAL
 )"""
 
 # version -> the script that brings a database from it to version + 1, run in one
@@ -2046,6 +2069,13 @@ SELECT e.id, e.ts, e.level, f.path, e.host, e.program, e.pid, e.message, e.field
 FROM entries AS e JOIN files AS f ON f.id = e.file_id;
 PRAGMA user_version = 3;
 """ % ENTRIES_V3.replace("'", "''"),
+    3: """
+PRAGMA writable_schema = ON;
+UPDATE sqlite_master SET sql = '%s'
+WHERE type = 'table' AND name = 'entries';
+PRAGMA writable_schema = RESET;
+PRAGMA user_version = 4;
+""" % ENTRIES_V4.replace("'", "''"),
 }
 
 # Rows come in three shapes, told by their length. Absent values are "", -1 and 0, made NULL

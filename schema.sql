@@ -1,4 +1,4 @@
--- logtail2db schema, version 3 (kept in PRAGMA user_version).
+-- logtail2db schema, version 4 (kept in PRAGMA user_version).
 -- Applied when the database is new; logtail2db.py carries the same text.
 
 -- One row per file identity: (dev, ino) guarded by the file's first bytes.
@@ -38,9 +38,9 @@ CREATE TABLE entries (
                                     -- raw from there on; when negative, from -msg_at up to the
                                     -- next '"' (a quoted JSON or logfmt value)
     part     INTEGER,               -- 1, 2, ... for pieces of an entry over --max-entry-bytes
-    message  TEXT NOT NULL GENERATED ALWAYS AS (coalesce(msg, CASE WHEN msg_at > 0
-        THEN substr(raw, msg_at)
-        ELSE substr(raw, -msg_at, instr(substr(raw, -msg_at), '"') - 1) END)) VIRTUAL
+    message  TEXT NOT NULL GENERATED ALWAYS AS (CASE WHEN msg IS NOT NULL THEN msg
+        WHEN msg_at = 1 THEN raw WHEN msg_at > 0 THEN substr(raw, msg_at)
+        ELSE substr(raw, -msg_at, instr(substr(raw, -msg_at), '"') - 1) END) VIRTUAL
 );
 
 -- Who is writing: the pid of the running tailer, for the refusal message.
@@ -63,4 +63,4 @@ SELECT e.id, e.ts, e.level, f.path, e.host, e.program, e.pid, e.message, e.field
        e.file_id, e.offset, e.part
 FROM entries AS e JOIN files AS f ON f.id = e.file_id;
 
-PRAGMA user_version = 3;
+PRAGMA user_version = 4;

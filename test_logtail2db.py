@@ -2589,6 +2589,29 @@ def test_older_schema_is_migrated_in_one_transaction(logdir, db, tmp_path):
     assert query(fresh, "PRAGMA page_size") == [(lt.PAGE_SIZE,)] != query(db, "PRAGMA page_size")
 
 
+def test_schema_3_is_migrated_in_place_with_every_message_as_it_was(logdir, db, tmp_path):
+    v3 = lt.SCHEMA.replace(lt.ENTRIES_V4, lt.ENTRIES_V3).replace(
+        "PRAGMA user_version = 4;", "PRAGMA user_version = 3;")
+    assert v3 != lt.SCHEMA
+    by_hand(db, v3 + "INSERT INTO files (id, path, offset, fingerprint, first_seen, updated) "
+            "VALUES (1, '/old/app.log', 4, x'', '2026-01-01', '2026-01-01');"
+            "INSERT INTO entries (file_id, offset, raw, msg, msg_at) VALUES "
+            "(1, 0, 'whole line', NULL, 1), (1, 1, 'Nov 24 h p: tail', NULL, 13),"
+            """(1, 2, '{"msg": "quoted"}', NULL, -10), (1, 3, 'raw', 'its own', 1),"""
+            "(1, 4, x'ff00fe', NULL, 1), (1, 5, x'41ff42', NULL, 2);")
+    messages = "SELECT id, message, typeof(message) FROM entries ORDER BY id"
+    before = query(db, messages)
+    assert [row[1] for row in before] == ["whole line", "tail", "quoted", "its own", b"\xff\x00\xfe",
+                                          b"\xff\x42"]
+    assert run_once(logdir, db).returncode == 0
+    assert query(db, "PRAGMA user_version") == [(lt.SCHEMA_VERSION,)]
+    assert query(db, messages) == before
+    fresh = tmp_path / "fresh.db"
+    assert run_once(logdir, fresh).returncode == 0
+    schema = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name"
+    assert query(db, schema) == query(fresh, schema)
+
+
 def test_failed_migration_leaves_the_database_as_it_was(logdir, db):
     by_hand(db, V1_SCHEMA + "CREATE TABLE logs (x);")  # in the way of version 2's view
     before = query(db, "SELECT name FROM sqlite_master ORDER BY name")
