@@ -2284,7 +2284,9 @@ def test_once_over_big_backlogs_ends_when_they_are_stored(logdir, db):
     result = run_once("-v", logdir, db, timeout=40)     # 60 s is when it would rescan
     assert result.returncode == 0, result.stderr
     assert b"parse worker takes" in result.stderr
-    assert query(db, "SELECT count(*) FROM entries") == [(180000,)]
+    assert b"parsing here too, while the parse worker parses" in result.stderr  # both cores
+    assert query(db, "SELECT count(*), count(DISTINCT file_id || ' ' || offset) FROM entries") == [
+        (180000, 180000)]
 
 
 def children_of(pid):
@@ -3700,7 +3702,8 @@ def test_syslog_chunk_makes_the_rows_line_by_line_parsing_makes(stamps, rows, mo
     ends = [": ", ": hello: there", ":  two  spaces", ": error: x", ": Warning: y",
             ": prog: fatal: z", ": prog: hello: z", ": error:", ": a b: error: x",
             ": pam(x:y): error: z", ": caf\u00e9: error: \u00e9", ": WARN: w"]
-    odd = ["Feb 30 00:00:00 web-01 p: m", "Foo 24 13:59:19 web-01 p: m", "Nov 24 13:59:60 web-01 p: m", "  continued", "",
+    odd = ["Feb 30 00:00:00 web-01 p: m", "Foo 24 13:59:19 web-01 p: m",
+           "Nov 24 13:59:60 web-01 p: m", "  continued", "",
            "Nov 24 13:59:19.5 web-01 p: m", "Nov 24 13:59:19 web-01 a:b: m",
            "Nov 24 13:59:19 web-01 p[1234567890]: m", "Nov 24 13:59:19 web-01 p[\u0663]: m",
            "Nov 24 13:59:19 web-01 sd[1]x: m", "Nov 24 13:59:19 web-01 p[]x: m",
@@ -3766,8 +3769,9 @@ def test_json_chunk_reads_lines_as_parse_json_does(stamps):
             obj = {key: rng.choice(odd if rng.random() < 0.01 else usable[key]) for key in keys}
             lines.append(json.dumps(obj, ensure_ascii=rng.random() < 0.5))
         if rng.random() < 0.05:
-            lines.insert(0, rng.choice(['{"a": 1} ', ' {"a": 1}', '[1]', 'not json', '{"a": "\\ud800"}',
-                                        '{"__REALTIME_TIMESTAMP": "1796211176655353"}', '{"a": 1}{}']))
+            lines.insert(0, rng.choice(['{"a": 1} ', ' {"a": 1}', '[1]', 'not json',
+                                        '{"a": "\\ud800"}', '{"a": 1}{}',
+                                        '{"__REALTIME_TIMESTAMP": "1796211176655353"}']))
         text = "".join(line + "\n" for line in lines)
         heads = lt.json_chunk(text, lines, stamps)
         if heads is not None:
