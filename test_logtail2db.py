@@ -1508,8 +1508,8 @@ def test_wal_shrinks_once_a_long_reader_lets_go(tailer, logdir, db):
     try:
         line = b"x" * 1000 + b"\n"
         for n in range(25):     # many commits: none of them may reuse the WAL's start
-            append(logdir / "app.log", line * 1000)
-            wait_for(lambda: query(db, "SELECT count(*) FROM entries") == [(n * 1000 + 1001,)],
+            append(logdir / "app.log", line * 1500)
+            wait_for(lambda: query(db, "SELECT count(*) FROM entries") == [(n * 1500 + 1501,)],
                      20, "the lines", lambda: query(db, "SELECT count(*) FROM entries"))
         grown = wal.stat().st_size
         assert grown > 2 * lt.WAL_LIMIT_BYTES
