@@ -128,6 +128,7 @@ MIN_SQLITE = (3, 31)            # generated columns (entries.message)
 WAL_LIMIT_BYTES = 16 << 20      # the -wal file is truncated to this once readers let it be
 PAGE_SIZE = 16384               # of a new database: rows of 100-300 B fill 16 KiB pages better
                                 # than 4 KiB ones (JSON lines' database 3% smaller, measured)
+CACHE_KIB = 1024                # SQLite's page cache of the tailer's connection
 ROWS_PER_INSERT = 100           # rows per INSERT statement: 1.1 against 3.2 us a row, one by one
 CHECKPOINT_ROWS = 20_000        # the WAL is checkpointed after this many rows are committed...
 CHECKPOINT_EVERY_S = 1.0        # ...or this long after a commit, whichever comes first
@@ -2441,6 +2442,9 @@ class SqliteStore(Store):
         # In WAL mode NORMAL loses no consistency: a power cut can only roll back the last
         # transactions, entries and offsets together, and they are read again.
         conn.execute("PRAGMA synchronous = normal")
+        # Appends touch a few pages; with 16 KiB pages the default 2 MB cache made the
+        # peak RSS over 10,000 small files 6 MB bigger, for no speed (measured).
+        conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         # A reader holding a snapshot lets the WAL grow; once readers let go and it is
         # checkpointed, SQLite truncates it back to this size instead of keeping it.
         conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
