@@ -2806,10 +2806,38 @@ def readable_text(text) -> str:
     return text.replace("\x00", "\ufffd")
 
 
+# COPY's text format for a run of rows at once. Rows hold NULL as NUL, which no text of ours
+# holds (readable_text()), and bytea in its hex form; a run whose values hold no character
+# COPY escapes (most runs) is joined and sent as it is.
+PG_NULL = "\x00"
+COPY_ESCAPES = (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))
+
+
+def copy_escaped(value) -> str:
+    if value == PG_NULL:
+        return "\\N"
+    text = str(value)
+    for char, escaped in COPY_ESCAPES:
+        if char in text:
+            text = text.replace(char, escaped)
+    return text
+
+
+def copy_data(rows: list) -> bytes:
+    """rows (tuples of one shape) as the bytes of COPY ... FROM STDIN in text format."""
+    template = "\t".join(["%s"] * len(rows[0]))
+    text = "\n".join([template % row for row in rows])     # faster than joining each row
+    if (text.count("\t") == len(rows) * (len(rows[0]) - 1) and text.count("\n") == len(rows) - 1
+            and "\\" not in text and "\r" not in text):
+        return (text.replace(PG_NULL, "\\N") + "\n").encode()
+    return "".join("\t".join(map(copy_escaped, row)) + "\n" for row in rows).encode()
+
+
 class PgRows:
     """Entries as rows of COPY_ROW's shapes, told by their length: a line that is its own
-    message, or every column (see EntryBuilder for the arguments). An entry that is not
-    UTF-8 without NUL has its readable text in raw and its bytes in raw_bytes."""
+    message, or every column (see EntryBuilder for the arguments), NULL as PG_NULL. An
+    entry that is not UTF-8 without NUL has its readable text in raw and its bytes in
+    raw_bytes (bytea's hex form), and rows as the COPY text PgStore.add_batch() sends."""
 
     def __init__(self, host_id: int):
         self.host_id = host_id
@@ -2819,16 +2847,19 @@ class PgRows:
 
     @staticmethod
     def batch(rows: list) -> tuple:
-        return len(rows), rows
+        """(count, [(shape, COPY text of a run of rows of that shape), ...]): made in the
+        parse worker, so that the inserting process only sends them."""
+        return len(rows), [(size, copy_data(list(shaped)))
+                           for size, shaped in itertools.groupby(rows, len)]
 
     def syslog_lines(self, file_id: int, offsets, lines: list, found: list, minutes: dict) -> list:
         """entry()'s rows of one-line syslog entries from syslog_chunk()'s groups (text
         without NUL: no raw_bytes)."""
-        host_id, levels = self.host_id, STATED_LEVELS
+        host_id, levels, null = self.host_id, STATED_LEVELS, PG_NULL
         return [(host_id, file_id, offset, minutes[minute] + seconds, host, program,
-                 int(pid) if pid else None,
-                 first and (levels.get(first) or levels.get(then)) or None, None, line, None,
-                 None, len(head) + 1, None)
+                 int(pid) if pid else null,
+                 first and (levels.get(first) or levels.get(then)) or null, null, line, null,
+                 null, len(head) + 1, null)
                 for offset, line, (head, minute, seconds, host, program, pid, first, then)
                 in zip(offsets, lines, found)]
 
@@ -2844,8 +2875,8 @@ class PgRows:
         if parsed is None:
             if message is None and part is None and raw_bytes is None:
                 return (self.host_id, file_id, offset, raw)
-            return (self.host_id, file_id, offset, None, None, None, None, None, None, raw,
-                    raw_bytes, message, msg_at, part)
+            return self.nulled(file_id, offset, None, None, None, None, None, None, raw,
+                               raw_bytes, message, msg_at, part)
         ts, host, program, pid, level, fields, _ = parsed
         fields = FIELDS_JSON(fields) if fields else None
         if raw_bytes is not None:
@@ -2855,8 +2886,14 @@ class PgRows:
                                     for value in (host, program, level))
             if fields is not None:
                 fields = readable_text(fields).replace("\\u0000", "\\ufffd")
-        return (self.host_id, file_id, offset, ts or None, host or None, program or None, pid,
-                level or None, fields, raw, raw_bytes, message, msg_at, part)
+        return self.nulled(file_id, offset, ts or None, host or None, program or None, pid,
+                           level or None, fields, raw, raw_bytes, message, msg_at, part)
+
+    def nulled(self, *values) -> tuple:
+        """A row of every column: NULL as PG_NULL, raw_bytes in bytea's hex form."""
+        if values[9] is not None:
+            values = (*values[:9], "\\x" + values[9].hex(), *values[10:])
+        return (self.host_id, *[PG_NULL if value is None else value for value in values])
 
 
 class PgStore(Store):
@@ -3124,15 +3161,14 @@ class PgStore(Store):
                                    (self.host_id,)).fetchone()[0]
 
     def add(self, rows: list) -> None:
-        self.begin()
-        cursor = self.conn.cursor()
-        for size, shaped in itertools.groupby(rows, len):     # runs of one shape, in order
-            with cursor.copy(COPY_ROW[size]) as copy:
-                for row in shaped:
-                    copy.write_row(row)
+        self.add_batch(PgRows.batch(list(rows)))
 
     def add_batch(self, batch: tuple) -> None:
-        self.add(batch[1])
+        self.begin()
+        cursor = self.conn.cursor()
+        for size, data in batch[1]:     # runs of one shape, in order
+            with cursor.copy(COPY_ROW[size]) as copy:
+                copy.write(data)
 
     def save(self, states: list) -> None:
         self.begin()

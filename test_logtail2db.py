@@ -3783,6 +3783,26 @@ def test_json_chunk_reads_lines_as_parse_json_does(stamps):
         assert lt.json_chunk(line + "\n", [line], stamps) in (None, [parse_json(line, stamps)])
 
 
+def copy_fields(data: bytes) -> list:
+    """COPY text format read back: rows of fields, None for NULL (the server's reading)."""
+    unescape = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+    assert data.endswith(b"\n")
+    return [[None if field == "\\N" else re.sub(r"\\(.)", lambda m: unescape[m[1]], field)
+             for field in line.split("\t")] for line in data.decode().split("\n")[:-1]]
+
+
+@pytest.mark.parametrize("special", [[], ["c:\\N", "\\", "\\x41"], ["cr\r"],
+                                     ["a\tb", "two\nlines", "c:\\N", "cr\r"]])
+def test_copy_data_is_what_the_rows_hold(special):
+    rng = random.Random(11)
+    texts = ["plain", "caf\u00e9", "", "None", "N", *special]
+    rows = [(7, n, rng.choice([lt.PG_NULL, 3, "2026-11-24 13:59:19"]), rng.choice(texts),
+             rng.choice([lt.PG_NULL, "\\x00ff" if special else "x"]), rng.choice(texts))
+            for n in range(300)]
+    expected = [[None if value == lt.PG_NULL else str(value) for value in row] for row in rows]
+    assert copy_fields(lt.copy_data(rows)) == expected
+
+
 # PostgreSQL: a fleet of hosts into one server #################################
 #
 # One server per test session, started here (initdb into a temporary directory, as an
