@@ -1993,7 +1993,7 @@ FROM entries AS e JOIN files AS f ON f.id = e.file_id;
 PRAGMA user_version = 4;
 """
 
-# The entries table of version 3, as a migration writes it (and as SCHEMA has it).
+# The entries table of version 3, as migration 2 writes it.
 ENTRIES_V3 = r"""CREATE TABLE entries (
     id       INTEGER PRIMARY KEY,
     file_id  INTEGER NOT NULL REFERENCES files(id),
@@ -2015,8 +2015,9 @@ ENTRIES_V3 = r"""CREATE TABLE entries (
         THEN substr(raw, msg_at)
         ELSE substr(raw, -msg_at, instr(substr(raw, -msg_at), '"') - 1) END)) VIRTUAL
 )"""
-# Version 4: the same message, read without a copy when it is all of raw (a virtual column is
-# computed for every row inserted: plain lines' inserts took 0.67 against 0.49 us a row).
+# Version 4 (as SCHEMA has it): the same message, read without a copy when it is all of raw
+# (a virtual column is computed for every row inserted: plain lines' inserts took 0.67
+# against 0.49 us a row).
 ENTRIES_V4 = r"""CREATE TABLE entries (
     id       INTEGER PRIMARY KEY,
     file_id  INTEGER NOT NULL REFERENCES files(id),
@@ -2264,7 +2265,6 @@ class SqliteRows:
         return (file_id, offset, ts or "", host or "", program or "",
                 -1 if pid is None else pid, level or "", FIELDS_JSON(fields) if fields else "",
                 raw, message or "", msg_at, part or 0)
-
 
     @staticmethod
     def syslog_lines(file_id: int, offsets, lines: list, found: list, minutes: dict) -> list:
@@ -2852,7 +2852,8 @@ class PgRows:
         return len(rows), [(size, copy_data(list(shaped)))
                            for size, shaped in itertools.groupby(rows, len)]
 
-    def syslog_lines(self, file_id: int, offsets, lines: list, found: list, minutes: dict) -> list:
+    def syslog_lines(self, file_id: int, offsets, lines: list, found: list,
+                     minutes: dict) -> list:
         """entry()'s rows of one-line syslog entries from syslog_chunk()'s groups (text
         without NUL: no raw_bytes)."""
         host_id, levels, null = self.host_id, STATED_LEVELS, PG_NULL
