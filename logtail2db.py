@@ -2485,6 +2485,10 @@ PG8000_VERSION = (1, 31)        # sock= (1.30) and ssl_context=False meaning no 
 PG_SOCKET_DIRS = ("/var/run/postgresql", "/tmp")    # libpq's default: Debian's, upstream's
 PG_SSL_REQUEST = struct.pack("!ii", 8, 80877103)    # the startup message that asks for TLS
 COPY_PIECE_ROWS = 1000          # rows per piece of COPY text sent (psycopg2, pg8000)
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+PG_STOP_GRACE_S = 1.0           # after SIGTERM, a server call may wait this long before its
+                                # connection is cut (PgWatch): the last rounds take half that
+PG_WATCH_SLICE_S = 0.05         # how often PgWatch looks at the clock while a call waits
 PG_SESSION = ("SET TIME ZONE 'UTC'",    # ts and the files' times are UTC text
               "SET tcp_keepalives_idle = 10", "SET tcp_keepalives_interval = 5",
               "SET tcp_keepalives_count = 6")
@@ -2779,7 +2783,8 @@ class PgDriver:
         self.module = module
         self.errors = (module.Error,)
 
-    def connect(self, url: str):
+    def connect(self, url: str, on_socket=None):
+        """A connection; on_socket(fd) is told each socket it makes, as soon as there is one."""
         raise NotImplementedError
 
     def execute(self, conn, sql: str, params=None):
@@ -2824,11 +2829,14 @@ class Psycopg3(PgDriver):
         if not quiet.handlers:
             quiet.addHandler(logging.NullHandler())
 
-    def connect(self, url: str):
+    def connect(self, url: str, on_socket=None):
         conninfo = self.module.conninfo
         params = with_defaults(conninfo.conninfo_to_dict(url),
                                self.module.pq.version() >= 120000)
-        return self.module.connect(conninfo.make_conninfo(**params), autocommit=True)
+        conn = self.module.connect(conninfo.make_conninfo(**params), autocommit=True)
+        if on_socket is not None:
+            on_socket(conn.fileno())
+        return conn
 
     def copy(self, conn, sql: str, rows) -> None:
         with conn.cursor().copy(sql) as copy:
@@ -2845,11 +2853,13 @@ class Psycopg3(PgDriver):
 class Psycopg2(PgDriver):
     name = "psycopg2"
 
-    def connect(self, url: str):
+    def connect(self, url: str, on_socket=None):
         extensions = self.module.extensions
         params = with_defaults(extensions.parse_dsn(url), extensions.libpq_version() >= 120000)
         conn = self.module.connect(extensions.make_dsn(**params))
         conn.autocommit = True
+        if on_socket is not None:
+            on_socket(conn.fileno())
         return conn
 
     def copy(self, conn, sql: str, rows) -> None:
@@ -2864,11 +2874,11 @@ class Psycopg2(PgDriver):
 
 class Pg8000(PgDriver):
     """pg8000 (pure Python) on a socket of ours: made as libpq would make it from the URL
-    (libpq_params()), with its keepalives and TLS."""
+    (libpq_params()), with its keepalives and TLS, and known to PgWatch from the start."""
 
     name = "pg8000"
 
-    def connect(self, url: str):
+    def connect(self, url: str, on_socket=None):
         params = with_defaults(libpq_params(url))
         unknown = sorted(set(params) - PG8000_KEYWORDS)
         if unknown:
@@ -2878,7 +2888,7 @@ class Pg8000(PgDriver):
         password = params.get("password") or pgpass_password(params)
         where = params.get("hostaddr") or params["host"]
         try:
-            sock = self.make_socket(params)
+            sock = self.make_socket(params, on_socket)
         except OSError as exc:
             raise self.module.InterfaceError(f"could not connect to {where} port "
                                              f"{params['port']}: {exc}") from None
@@ -2896,7 +2906,7 @@ class Pg8000(PgDriver):
         conn.autocommit = True
         return conn
 
-    def make_socket(self, params: dict):
+    def make_socket(self, params: dict, on_socket):
         """A connected socket: to a unix socket when host is a directory, else TCP with the
         keepalives of params, then TLS as sslmode says (libpq's modes; allow as prefer)."""
         timeout = float(params["connect_timeout"] or 0) or None
@@ -2910,6 +2920,8 @@ class Pg8000(PgDriver):
         for n, (family, kind, proto, address) in enumerate(addresses):
             sock = socket.socket(family, kind, proto)
             try:
+                if on_socket is not None:
+                    on_socket(sock.fileno())
                 sock.settimeout(timeout)
                 sock.connect(address)
                 break
@@ -3028,6 +3040,127 @@ class PgBusy(Exception):
     the server notices it is dead."""
 
 
+class PgWatch:
+    """Cuts the connection of a server call that still waits PG_STOP_GRACE_S after a stop
+    was asked, so that SIGTERM ends a tailer within 2 s whatever the network does.
+
+    Why a thread: a driver blocked in libpq's C code runs no Python signal handler until
+    the server answers (libpq retries poll() on EINTR), and a server that went silent
+    without closing (packets dropped, a hung proxy or NAT) may not answer for minutes:
+    keepalives and tcp_user_timeout notice a dead peer, not one that acknowledges and says
+    nothing. So while a call runs, the main thread blocks SIGTERM and SIGINT and this
+    thread takes them, passing each on to the main thread (where it waits for the call to
+    return); a stop the main thread takes between calls reaches it through the chained
+    handlers (chain_handlers()). Once the grace has passed, it shuts the call's socket
+    down: every driver then fails the call as a lost connection, which the loop handles as
+    a fault that passes (the server rolls back, the loop stops with its warning, exit 4).
+    A connection libpq is still making has no socket to shut down yet: then the process
+    ends at once with that warning, as kill -9 would, which loses and doubles nothing (no
+    transaction of that connection was committed; offsets are read back on the next start).
+    """
+
+    def __init__(self, name: str):
+        self.name = name        # the server, as messages name it
+        self.changed = threading.Condition()    # calls, sock, closing
+        self.calls = 0          # driver calls the main thread is in
+        self.sock = None        # a duplicate of the connection's socket, to shut down
+        self.deadline = None    # time.monotonic() when calls are cut, once a stop came
+        self.closing = False
+        self.main = threading.main_thread().ident
+        self.thread = threading.Thread(target=self.run, name="logtail2db-pg-watch",
+                                       daemon=True)
+        self.thread.start()
+
+    @contextlib.contextmanager
+    def call(self):
+        """Around each driver call of the main thread: a stop signal meanwhile is ours."""
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        with self.changed:
+            self.calls += 1
+            self.changed.notify()
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.calls -= 1
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    def follow(self, fd: int) -> None:
+        """The connection's socket (a new one replaces the last)."""
+        with self.changed:
+            if self.sock is not None:
+                self.sock.close()
+            self.sock = socket.socket(fileno=os.dup(fd))
+
+    def forget(self) -> None:
+        """The connection is closed: its socket is not ours to shut down any more."""
+        with self.changed:
+            if self.sock is not None:
+                self.sock.close()
+                self.sock = None
+
+    def chain_handlers(self) -> None:
+        """Once the loop's handlers are in place: a stop they take starts the grace too."""
+        for signum in STOP_SIGNALS:
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                def on_stop(signum, frame, handler=handler):
+                    self.stop_asked()
+                    handler(signum, frame)
+                signal.signal(signum, on_stop)
+
+    def stop_asked(self) -> None:
+        if self.deadline is None:   # no lock: this runs in signal handlers too
+            self.deadline = time.monotonic() + PG_STOP_GRACE_S
+
+    def run(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        while True:
+            with self.changed:
+                while not self.calls and not self.closing:
+                    self.changed.wait()
+                if self.closing:
+                    return
+            timeout = PG_WATCH_SLICE_S
+            if self.deadline is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    self.cut()
+                else:
+                    timeout = min(timeout, left)
+            info = signal.sigtimedwait(STOP_SIGNALS, timeout)
+            if info is not None:
+                signal.pthread_kill(self.main, info.si_signo)  # its handler runs after the call
+                self.stop_asked()
+
+    def cut(self) -> None:
+        with self.changed:
+            if not self.calls:
+                return
+            if self.sock is None:
+                log.warning("stopping: no answer from %s %g s after the stop was asked, while "
+                            "connecting; what is not stored yet will be read again on the "
+                            "next start", self.name, PG_STOP_GRACE_S)
+                for handler in log.handlers:
+                    handler.flush()
+                os._exit(EXIT_UNSTORED)
+            log.warning("no answer from %s %g s after the stop was asked: connection cut",
+                        self.name, PG_STOP_GRACE_S)
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError as exc:
+                log.debug("shutting the connection down: %s", exc)  # it is gone already
+            self.sock.close()
+            self.sock = None
+
+    def close(self) -> None:
+        with self.changed:
+            self.closing = True
+            self.changed.notify()
+        self.thread.join(1.0)
+        self.forget()
+
+
 def readable_text(text) -> str:
     """Text PostgreSQL takes: bad UTF-8 bytes and NUL become U+FFFD."""
     if type(text) is bytes:
@@ -3086,6 +3219,7 @@ class PgStore(Store):
         self.errors = (*driver.errors, PgLost, PgBusy)
         self.conn = None
         self.in_tx = False      # BEGIN said on conn, neither COMMIT nor ROLLBACK yet
+        self.watch = None       # PgWatch: for a tailer (open()), not for --stats
         self.host_id = None
         self.rows = None
         self.lost = False       # the connection went with a fault: connect when retried
@@ -3097,13 +3231,22 @@ class PgStore(Store):
         such database, tables not ours, the host tailed already), PgLost saying why for
         one that does (the server down, starting, unreachable)."""
         store = cls(url, host_name, import_pg_driver())
+        store.watch = PgWatch(store.name)
         try:
             store.connect(first=True)
         except store.errors as exc:
+            store.close()
             if not store.is_transient(exc):
                 raise Fatal(store.explain(exc)) from None
             raise PgLost(store.explain(exc)) from None
+        except BaseException:
+            store.close()
+            raise
         return store
+
+    def call(self):
+        """Around a driver call: watched by PgWatch, if the store has one."""
+        return self.watch.call() if self.watch is not None else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def on_server(self):
@@ -3113,7 +3256,8 @@ class PgStore(Store):
         there."""
         conn = self.live()
         try:
-            yield conn
+            with self.call():
+                yield conn
         except self.pg.errors as exc:
             if not self.pg.broken(conn, exc):
                 raise
@@ -3132,7 +3276,8 @@ class PgStore(Store):
         lock; each in its own transaction."""
         self.disconnect()
         try:
-            self.conn = self.pg.connect(self.url)
+            with self.call():
+                self.conn = self.pg.connect(self.url, self.watch.follow if self.watch else None)
             for sql in PG_SESSION:
                 self.execute(sql)
             self.prepare()
@@ -3412,12 +3557,18 @@ class PgStore(Store):
         if self.conn is not None:
             conn, self.conn, self.in_tx = self.conn, None, False
             try:
-                conn.close()
+                with self.call():
+                    conn.close()
             except self.pg.errors as exc:
                 log.debug("closing the connection: %s", exc)
+        if self.watch is not None:
+            self.watch.forget()
 
     def close(self) -> None:
         self.disconnect()
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
 
 
 def read_pg_stats(url: str, host_name: str, now_s: float) -> Stats:
@@ -5263,9 +5414,6 @@ def setup_logging(verbosity: int) -> None:
     log.propagate = False
 
 
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-
-
 def open_waiting(args) -> Store | None:
     """open_store(); a PostgreSQL server that cannot be reached is waited for with the
     loop's back-off, SIGTERM/SIGINT ending the wait (None). The caller blocks them."""
@@ -5318,6 +5466,8 @@ def run_tailer(args) -> int:
         tailer.directory.skip_own_files(args.database)
         tailer.load()
         tailer.install_signals()
+        if isinstance(store, PgStore):
+            store.watch.chain_handlers()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         tailer.run()
         log.info("%s: %s", "done" if args.once else "stopped", tailer.summary())

@@ -4099,6 +4099,60 @@ def test_pg_sigterm_while_the_server_is_down_exits_4_within_2_s(pg, pg_daemons, 
     assert pg.raws() == [b"before", b"while down"]
 
 
+@pytest.mark.parametrize("pg", PG_DRIVERS, indirect=True)
+def test_pg_sigterm_while_a_call_waits_on_a_silent_network_exits_4_within_2_s(pg, logdir,
+                                                                              tmp_path):
+    """The network goes silent during a catch-up (nothing answered, nothing closed): SIGTERM
+    cuts the waiting call short; the next start stores every line once."""
+    lines = numbered(0, 100_000)
+    append(logdir / "app.log", lines)
+    proxy = SilentProxy(pg.server.socket_dir)
+    url = f"postgresql://postgres@127.0.0.1:{proxy.port}/{pg.name}"
+    daemon = pg_daemon(pg, logdir, tmp_path, ready=False, url=url)
+    try:
+        wait_for(lambda: (pg.query("SELECT count(*) FROM entries") or [(0,)])[0][0] > 0, 30,
+                 "the first entries", lambda: daemon.stderr)
+        proxy.silence()
+        append(logdir / "app.log", b"written while silent\n")
+        wait_for(lambda: proxy.pending() > 0, 10, "the tailer to wait on the server",
+                 lambda: daemon.stderr)
+        started = time.monotonic()
+        status = daemon.terminate(timeout=10)
+        elapsed = time.monotonic() - started
+    finally:
+        daemon.stop()
+        proxy.close()
+    assert status == lt.EXIT_UNSTORED, daemon.stderr
+    assert elapsed < 2, daemon.stderr
+    assert "connection cut" in daemon.stderr, daemon.stderr
+    assert "read again on the next start" in daemon.stderr
+    wait_for(lambda: logtail2db_sessions(pg) == 0, 10, "the server to end the session")
+    assert pg_once(pg, logdir).returncode == 0
+    assert pg.raws() == (lines + b"written while silent\n").splitlines()
+
+
+@pytest.mark.parametrize("pg", PG_DRIVERS, indirect=True)
+def test_pg_sigterm_while_connecting_to_a_silent_server_exits_4_within_2_s(pg, logdir, tmp_path):
+    append(logdir / "app.log", b"one\n")
+    proxy = SilentProxy(pg.server.socket_dir)
+    proxy.silence()
+    url = f"postgresql://postgres@127.0.0.1:{proxy.port}/{pg.name}"
+    daemon = Daemon(pg.command, logdir, url, tmp_path / "stderr", ())
+    try:
+        wait_for(lambda: proxy.pending() > 0, 10, "the tailer to connect", lambda: daemon.stderr)
+        started = time.monotonic()
+        status = daemon.terminate(timeout=10)
+        elapsed = time.monotonic() - started
+    finally:
+        daemon.stop()
+        proxy.close()
+    assert status == lt.EXIT_UNSTORED, daemon.stderr
+    assert elapsed < 2, daemon.stderr
+    assert "on the next start" in daemon.stderr, daemon.stderr
+    assert pg_once(pg, logdir).returncode == 0
+    assert pg.raws() == [b"one"]
+
+
 def test_pg_server_down_at_start_is_waited_for(pg, tmp_path, logdir):
     append(logdir / "app.log", b"one\n")
     pg.server.stop()
@@ -4371,3 +4425,40 @@ def test_pg_copy_text_escapes_what_copy_reads_specially():
         b"1\t2\t4\t\\N\th\tp\t7\t\\N\t\\N\tcaf\xc3\xa9\t\\\\x00ff\t\\N\t1\t\\N\n")
     pieces = list(lt.copy_text([(n,) for n in range(lt.COPY_PIECE_ROWS + 1)]))
     assert len(pieces) == 2 and pieces[1] == b"%d\n" % lt.COPY_PIECE_ROWS
+
+
+def test_pg_watch_cuts_a_call_still_waiting_a_grace_after_a_stop():
+    """A stop during a call, and one between calls: the call that waits is cut
+    PG_STOP_GRACE_S after it; the stop reaches the process's own handler after the call."""
+    import socket
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    ours, theirs = socket.socketpair()  # theirs never writes: a server that went silent
+    watch = lt.PgWatch("test")
+    try:
+        watch.chain_handlers()
+        watch.follow(ours.fileno())
+        def stop():     # from a thread that takes no SIGTERM itself, as the tailer has none
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Timer(0.2, stop).start()
+        started = time.monotonic()
+        with watch.call():
+            assert ours.recv(1) == b""  # the call, waiting: cut
+            assert seen == []           # blocked meanwhile
+        elapsed = time.monotonic() - started
+        assert seen == [signal.SIGTERM]
+        assert 0.2 + lt.PG_STOP_GRACE_S <= elapsed < 0.2 + lt.PG_STOP_GRACE_S + 0.5
+        watch.deadline = None
+        ours, theirs = socket.socketpair()
+        watch.follow(ours.fileno())
+        os.kill(os.getpid(), signal.SIGTERM)    # between calls: the chained handler sees it
+        assert seen == [signal.SIGTERM] * 2
+        started = time.monotonic()
+        with watch.call():
+            assert ours.recv(1) == b""
+        assert time.monotonic() - started < lt.PG_STOP_GRACE_S + 0.5
+    finally:
+        watch.close()
+        signal.signal(signal.SIGTERM, previous)
