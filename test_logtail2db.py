@@ -3941,6 +3941,8 @@ class SilentProxy:
         return total
 
     def close(self):
+        if self.closed.is_set():
+            return
         self.closed.set()
         os.write(self.wake_w, b"x")
         self.listener.shutdown(2)   # accept() returns
@@ -4099,31 +4101,39 @@ def test_pg_sigterm_while_the_server_is_down_exits_4_within_2_s(pg, pg_daemons, 
     assert pg.raws() == [b"before", b"while down"]
 
 
+@pytest.fixture
+def silent_proxy(pg):
+    proxy = SilentProxy(pg.server.socket_dir)
+    yield proxy
+    proxy.close()
+
+
+def stop_waiting_on(proxy, daemon):
+    """SIGTERM once the tailer waits on the silent proxy: it exits 4 within 2 s."""
+    wait_for(lambda: proxy.pending() > 0, 10, "the tailer to wait on the server",
+             lambda: daemon.stderr)
+    started = time.monotonic()
+    status = daemon.terminate(timeout=10)
+    elapsed = time.monotonic() - started
+    assert status == lt.EXIT_UNSTORED, daemon.stderr
+    assert elapsed < 2, (elapsed, daemon.stderr)
+    proxy.close()
+
+
 @pytest.mark.parametrize("pg", PG_DRIVERS, indirect=True)
-def test_pg_sigterm_while_a_call_waits_on_a_silent_network_exits_4_within_2_s(pg, logdir,
-                                                                              tmp_path):
+def test_pg_sigterm_while_a_call_waits_on_a_silent_network_exits_4_within_2_s(
+        pg, pg_daemons, silent_proxy, logdir):
     """The network goes silent during a catch-up (nothing answered, nothing closed): SIGTERM
     cuts the waiting call short; the next start stores every line once."""
     lines = numbered(0, 100_000)
     append(logdir / "app.log", lines)
-    proxy = SilentProxy(pg.server.socket_dir)
-    url = f"postgresql://postgres@127.0.0.1:{proxy.port}/{pg.name}"
-    daemon = pg_daemon(pg, logdir, tmp_path, ready=False, url=url)
-    try:
-        wait_for(lambda: (pg.query("SELECT count(*) FROM entries") or [(0,)])[0][0] > 0, 30,
-                 "the first entries", lambda: daemon.stderr)
-        proxy.silence()
-        append(logdir / "app.log", b"written while silent\n")
-        wait_for(lambda: proxy.pending() > 0, 10, "the tailer to wait on the server",
-                 lambda: daemon.stderr)
-        started = time.monotonic()
-        status = daemon.terminate(timeout=10)
-        elapsed = time.monotonic() - started
-    finally:
-        daemon.stop()
-        proxy.close()
-    assert status == lt.EXIT_UNSTORED, daemon.stderr
-    assert elapsed < 2, daemon.stderr
+    url = f"postgresql://postgres@127.0.0.1:{silent_proxy.port}/{pg.name}"
+    daemon = pg_daemons(logdir, ready=False, url=url)
+    wait_for(lambda: (pg.query("SELECT count(*) FROM entries") or [(0,)])[0][0] > 0, 30,
+             "the first entries", lambda: daemon.stderr)
+    silent_proxy.silence()
+    append(logdir / "app.log", b"written while silent\n")
+    stop_waiting_on(silent_proxy, daemon)
     assert "connection cut" in daemon.stderr, daemon.stderr
     assert "read again on the next start" in daemon.stderr
     wait_for(lambda: logtail2db_sessions(pg) == 0, 10, "the server to end the session")
@@ -4132,22 +4142,13 @@ def test_pg_sigterm_while_a_call_waits_on_a_silent_network_exits_4_within_2_s(pg
 
 
 @pytest.mark.parametrize("pg", PG_DRIVERS, indirect=True)
-def test_pg_sigterm_while_connecting_to_a_silent_server_exits_4_within_2_s(pg, logdir, tmp_path):
+def test_pg_sigterm_while_connecting_to_a_silent_server_exits_4_within_2_s(
+        pg, pg_daemons, silent_proxy, logdir):
     append(logdir / "app.log", b"one\n")
-    proxy = SilentProxy(pg.server.socket_dir)
-    proxy.silence()
-    url = f"postgresql://postgres@127.0.0.1:{proxy.port}/{pg.name}"
-    daemon = Daemon(pg.command, logdir, url, tmp_path / "stderr", ())
-    try:
-        wait_for(lambda: proxy.pending() > 0, 10, "the tailer to connect", lambda: daemon.stderr)
-        started = time.monotonic()
-        status = daemon.terminate(timeout=10)
-        elapsed = time.monotonic() - started
-    finally:
-        daemon.stop()
-        proxy.close()
-    assert status == lt.EXIT_UNSTORED, daemon.stderr
-    assert elapsed < 2, daemon.stderr
+    silent_proxy.silence()
+    url = f"postgresql://postgres@127.0.0.1:{silent_proxy.port}/{pg.name}"
+    daemon = pg_daemons(logdir, ready=False, url=url)
+    stop_waiting_on(silent_proxy, daemon)
     assert "on the next start" in daemon.stderr, daemon.stderr
     assert pg_once(pg, logdir).returncode == 0
     assert pg.raws() == [b"one"]
