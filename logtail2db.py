@@ -15,7 +15,7 @@ Guarantees:
     tailer was stopped are told apart by (st_dev, st_ino) plus the first bytes;
   - the database is in WAL mode: readers query it while the tailer writes;
   - it runs on the standard library alone (inotifyx is used when installed;
-    psycopg is imported only for a PostgreSQL DATABASE).
+    psycopg 3, psycopg2 or pg8000 is imported only for a PostgreSQL DATABASE).
 
 Exit status: 0 on success or on SIGTERM/SIGINT, 1 on a fatal error (one line
 "logtail2db: error: ..." on stderr), 2 on a usage error, 3 when --stats finds a
@@ -53,6 +53,7 @@ import errno
 import fcntl
 import fnmatch
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -2633,9 +2634,30 @@ PG_LOCK_CLASS = 0x6c743264      # "lt2d": first key of our advisory locks, the s
 # conninfo defaults, unless the URL sets them: a dead server is noticed within a minute,
 # and the server notices a dead host as soon (see the tcp_keepalives_* settings below),
 # which releases that host's lock for its next tailer.
+# tcp_user_timeout (ms): data the server has not acknowledged (a COMMIT sent into a cut
+# link, where keepalives are not sent) fails the connection as soon, not after the kernel's
+# 15 minutes of retransmissions; libpq takes it from version 12 on.
 PG_DEFAULTS = {"keepalives": "1", "keepalives_idle": "10", "keepalives_interval": "5",
-               "keepalives_count": "6", "connect_timeout": "5",
+               "keepalives_count": "6", "connect_timeout": "5", "tcp_user_timeout": "60000",
                "fallback_application_name": "logtail2db"}
+# What pg8000 is given of a URL, and where libpq's environment says what a URL leaves unset
+# (pg8000 reads neither itself).
+PG_ENVIRONMENT = {"host": "PGHOST", "hostaddr": "PGHOSTADDR", "port": "PGPORT",
+                  "dbname": "PGDATABASE", "user": "PGUSER", "password": "PGPASSWORD",
+                  "passfile": "PGPASSFILE", "connect_timeout": "PGCONNECT_TIMEOUT",
+                  "application_name": "PGAPPNAME", "options": "PGOPTIONS",
+                  "sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT",
+                  "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY"}
+PG8000_KEYWORDS = set(PG_ENVIRONMENT) | {"fallback_application_name", "keepalives",
+                                         "keepalives_idle", "keepalives_interval",
+                                         "keepalives_count", "tcp_user_timeout"}
+PG8000_VERSION = (1, 31)        # sock= (1.30) and ssl_context=False meaning no TLS (1.31)
+PG_SOCKET_DIRS = ("/var/run/postgresql", "/tmp")    # libpq's default: Debian's, upstream's
+PG_SSL_REQUEST = struct.pack("!ii", 8, 80877103)    # the startup message that asks for TLS
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+PG_STOP_GRACE_S = 1.0           # after SIGTERM, a server call may wait this long before its
+                                # connection is cut (PgWatch): the last rounds take half that
+PG_WATCH_SLICE_S = 0.05         # how often PgWatch looks at the clock while a call waits
 PG_SESSION = ("SET TIME ZONE 'UTC'",    # ts and the files' times are UTC text
               "SET tcp_keepalives_idle = 10", "SET tcp_keepalives_interval = 5",
               "SET tcp_keepalives_count = 6")
@@ -2648,10 +2670,12 @@ PARTITION_LOCK_TIMEOUT = "1s"   # partition changes wait no longer for other tai
 # error, lock not available.
 PG_TRANSIENT_CLASSES = ("08", "40", "53", "57")
 PG_TRANSIENT_CODES = ("58030", "55P03")
+CHECK_VIOLATION, LOCK_NOT_AVAILABLE = "23514", "55P03"
 # Connection failures come without SQLSTATE; these words make one that does not pass.
 PG_PERMANENT_WORDS = ("authentication failed", "does not exist", "no pg_hba.conf entry",
                       "password", "permission denied", "certificate", "invalid",
-                      "unsupported", "SSL is not enabled", "not allowed")
+                      "unsupported", "not supported", "does not support",
+                      "SSL is not enabled", "not allowed")
 
 PG_SCHEMA = r"""-- logtail2db PostgreSQL schema, version 1 (kept in meta).
 CREATE TABLE meta (
@@ -2770,24 +2794,375 @@ def pg_url_parts(url: str) -> tuple:
     return shown_url, password
 
 
-def import_pg_driver():
-    """psycopg 3, imported only for a PostgreSQL DATABASE; Fatal in one line without it."""
+def with_defaults(params: dict, tcp_user_timeout: bool = True) -> dict:
+    """Connection parameters with PG_DEFAULTS for what neither they nor libpq's environment
+    set; tcp_user_timeout only where the driver can set it."""
+    params = dict(params)
+    for key, value in PG_DEFAULTS.items():
+        if key == "connect_timeout" and os.environ.get("PGCONNECT_TIMEOUT"):
+            continue
+        if key == "tcp_user_timeout" and not tcp_user_timeout:
+            continue
+        params.setdefault(key, value)
+    return params
+
+
+def libpq_params(url: str) -> dict:
+    """A postgresql:// URL's connection parameters as libpq reads them: the URL's parts, its
+    query (which wins over them), then the PG* environment and libpq's defaults for what
+    neither sets. For pg8000, which reads neither URLs nor libpq's environment."""
+    unquote = urllib.parse.unquote
+    rest, _, query = url.split("://", 1)[1].partition("?")
+    netloc, _, dbname = rest.partition("#")[0].partition("/")
+    params = {}
+    userinfo, at, hostport = netloc.rpartition("@")
+    if at:
+        user, colon, password = userinfo.partition(":")
+        if user:
+            params["user"] = unquote(user)
+        if colon:
+            params["password"] = unquote(password)
+    if hostport.startswith("["):                        # [IPv6]:port
+        host, _, port = hostport[1:].partition("]")
+        port = port[1:]
+    else:
+        host, _, port = hostport.partition(":")
+    if host:
+        params["host"] = unquote(host)
+    if port:
+        params["port"] = port
+    if dbname:
+        params["dbname"] = unquote(dbname)
+    for pair in query.partition("#")[0].split("&"):
+        if pair:
+            key, _, value = pair.partition("=")
+            params[unquote(key)] = unquote(value)
+    for key, variable in PG_ENVIRONMENT.items():
+        if key not in params and os.environ.get(variable):
+            params[key] = os.environ[variable]
+    if "," in params.get("host", "") + params.get("port", ""):
+        raise Fatal(f"{pg_url_parts(url)[0]}: pg8000 connects to one host; for several "
+                    'install psycopg (pip install "psycopg[binary]")')
+    if "host" not in params and "hostaddr" not in params:
+        params["host"] = next((path for path in PG_SOCKET_DIRS if os.path.isdir(path)),
+                              PG_SOCKET_DIRS[-1])
+    params.setdefault("port", "5432")
+    if "user" not in params:
+        import pwd
+        params["user"] = pwd.getpwuid(os.geteuid()).pw_name
+    params.setdefault("dbname", params["user"])
+    return params
+
+
+def pgpass_fields(line: str) -> list:
+    """A ~/.pgpass line's five fields: host, port, database, user, password; ':' and '\\'
+    escaped by '\\' in the first four."""
+    fields, field, chars = [], [], iter(line)
+    for char in chars:
+        if char == "\\":
+            field.append(next(chars, ""))
+        elif char == ":" and len(fields) < 4:
+            fields.append("".join(field))
+            field = []
+        else:
+            field.append(char)
+    return fields + ["".join(field)]
+
+
+def pgpass_password(params: dict) -> str | None:
+    """The password the password file (passfile, PGPASSFILE, ~/.pgpass) has for params, as
+    libpq matches it ('*' matches anything, a socket in the default directory is
+    'localhost'); None when it has none, or when others may read it, as libpq ignores it then."""
+    path = params.get("passfile") or os.path.join(os.path.expanduser("~"), ".pgpass")
+    try:
+        with open(path, "rb") as file:
+            st = os.fstat(file.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                log.warning("password file %s has group or world access: not read (chmod "
+                            "0600 it)", shown(path))
+                return None
+            text = file.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("password file %s: %s", shown(path), exc.strerror)
+        return None
+    host = params.get("host") or params["hostaddr"]
+    if host in PG_SOCKET_DIRS:
+        host = "localhost"
+    wanted = (host, params["port"], params["dbname"], params["user"])
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            fields = pgpass_fields(line)
+            if len(fields) == 5 and all(have in ("*", want) for have, want in zip(fields, wanted)):
+                return fields[4]
+    return None
+
+
+def plain_bytes(value):
+    """bytea as bytes: psycopg2 gives memoryview."""
+    return bytes(value) if type(value) is memoryview else value
+
+
+class PgDriver:
+    """The few calls PgStore makes of a driver, the same through psycopg 3, psycopg2 and
+    pg8000: a connection from the URL (PG_DEFAULTS for what it leaves unset), statements,
+    COPY FROM STDIN of rows, and what an error says (its SQLSTATE, whether the connection
+    went with it). Connections are in autocommit mode: PgStore says BEGIN and COMMIT."""
+
+    name = None
+
+    def __init__(self, module):
+        self.module = module
+        self.errors = (module.Error,)
+
+    def connect(self, url: str, on_socket=None):
+        """A connection; on_socket(fd) is told each socket it makes, as soon as there is one."""
+        raise NotImplementedError
+
+    def execute(self, conn, sql: str, params=None):
+        """The cursor of one statement, its rows fetched."""
+        cursor = conn.cursor()
+        if params is None:
+            cursor.execute(sql)     # no parameters: several statements may be one script
+        else:
+            cursor.execute(sql, params)
+        return cursor
+
+    def executemany(self, conn, sql: str, rows: list) -> None:
+        conn.cursor().executemany(sql, rows)
+
+    def copy(self, conn, sql: str, data: bytes) -> None:
+        """COPY ... FROM STDIN of data, rows in COPY's text format (copy_data())."""
+        raise NotImplementedError
+
+    def sqlstate(self, exc) -> str | None:
+        raise NotImplementedError
+
+    def message(self, exc) -> str:
+        return str(exc)
+
+    def broken(self, conn, exc) -> bool:
+        """Whether the connection went with exc (else a ROLLBACK makes it usable again)."""
+        raise NotImplementedError
+
+    def connection_fault(self, exc) -> bool:
+        """A fault of the connection itself, without SQLSTATE: refused, unreachable, lost."""
+        return isinstance(exc, self.module.OperationalError)
+
+
+class Psycopg3(PgDriver):
+    name = "psycopg 3"
+
+    def __init__(self, module):
+        super().__init__(module)
+        # psycopg logs what it ignores while closing a broken COPY ("the connection is
+        # lost"): we report the fault itself, once, through Backoff.
+        quiet = logging.getLogger("psycopg")
+        if not quiet.handlers:
+            quiet.addHandler(logging.NullHandler())
+
+    def connect(self, url: str, on_socket=None):
+        conninfo = self.module.conninfo
+        params = with_defaults(conninfo.conninfo_to_dict(url),
+                               self.module.pq.version() >= 120000)
+        conn = self.module.connect(conninfo.make_conninfo(**params), autocommit=True)
+        if on_socket is not None:
+            on_socket(conn.fileno())
+        return conn
+
+    def copy(self, conn, sql: str, data: bytes) -> None:
+        with conn.cursor().copy(sql) as copy:
+            copy.write(data)
+
+    def sqlstate(self, exc) -> str | None:
+        return getattr(exc, "sqlstate", None)
+
+    def broken(self, conn, exc) -> bool:
+        return conn.broken
+
+
+class Psycopg2(PgDriver):
+    name = "psycopg2"
+
+    def connect(self, url: str, on_socket=None):
+        extensions = self.module.extensions
+        params = with_defaults(extensions.parse_dsn(url), extensions.libpq_version() >= 120000)
+        conn = self.module.connect(extensions.make_dsn(**params))
+        conn.autocommit = True
+        if on_socket is not None:
+            on_socket(conn.fileno())
+        return conn
+
+    def copy(self, conn, sql: str, data: bytes) -> None:
+        conn.cursor().copy_expert(sql, io.BytesIO(data))
+
+    def sqlstate(self, exc) -> str | None:
+        return getattr(exc, "pgcode", None)
+
+    def broken(self, conn, exc) -> bool:
+        return conn.closed != 0
+
+
+class Pg8000(PgDriver):
+    """pg8000 (pure Python) on a socket of ours: made as libpq would make it from the URL
+    (libpq_params()), with its keepalives and TLS, and known to PgWatch from the start."""
+
+    name = "pg8000"
+
+    def connect(self, url: str, on_socket=None):
+        params = with_defaults(libpq_params(url))
+        unknown = sorted(set(params) - PG8000_KEYWORDS)
+        if unknown:
+            raise Fatal(f"{pg_url_parts(url)[0]}: pg8000 does not take "
+                        f"{', '.join(key + '=' for key in unknown)}; with psycopg every "
+                        'libpq parameter works (pip install "psycopg[binary]")')
+        password = params.get("password") or pgpass_password(params)
+        where = params.get("hostaddr") or params["host"]
+        try:
+            sock = self.make_socket(params, on_socket)
+        except OSError as exc:
+            raise self.module.InterfaceError(f"could not connect to {where} port "
+                                             f"{params['port']}: {exc}") from None
+        try:
+            options = params.get("options")
+            conn = self.module.Connection(
+                params["user"], database=params["dbname"], password=password, sock=sock,
+                ssl_context=False, application_name=params.get("application_name")
+                or params.get("fallback_application_name"),
+                startup_params={"options": options} if options else None)
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(None)   # connect_timeout bounds the connection's making only
+        conn.autocommit = True
+        return conn
+
+    def make_socket(self, params: dict, on_socket):
+        """A connected socket: to a unix socket when host is a directory, else TCP with the
+        keepalives of params, then TLS as sslmode says (libpq's modes; allow as prefer)."""
+        timeout = float(params["connect_timeout"] or 0) or None
+        host, port = params.get("host"), int(params["port"])
+        if host and host.startswith("/"):
+            addresses = [(socket.AF_UNIX, socket.SOCK_STREAM, 0, f"{host}/.s.PGSQL.{port}")]
+        else:
+            addresses = [(family, kind, proto, address) for family, kind, proto, _, address
+                         in socket.getaddrinfo(params.get("hostaddr") or host, port,
+                                               type=socket.SOCK_STREAM)]
+        for n, (family, kind, proto, address) in enumerate(addresses):
+            sock = socket.socket(family, kind, proto)
+            try:
+                if on_socket is not None:
+                    on_socket(sock.fileno())
+                sock.settimeout(timeout)
+                sock.connect(address)
+                break
+            except OSError:
+                sock.close()
+                if n == len(addresses) - 1:
+                    raise
+        if family == socket.AF_UNIX:
+            return sock     # libpq neither keeps alive nor encrypts a unix socket
+        try:
+            if params["keepalives"] != "0":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                for option, key in ((socket.TCP_KEEPIDLE, "keepalives_idle"),
+                                    (socket.TCP_KEEPINTVL, "keepalives_interval"),
+                                    (socket.TCP_KEEPCNT, "keepalives_count")):
+                    sock.setsockopt(socket.IPPROTO_TCP, option, int(params[key]))
+            if int(params["tcp_user_timeout"]):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                                int(params["tcp_user_timeout"]))
+            return self.start_tls(sock, params)
+        except BaseException:
+            sock.close()
+            raise
+
+    def start_tls(self, sock, params: dict):
+        """The socket as sslmode says: TLS asked for with the protocol's SSLRequest."""
+        mode = params.get("sslmode", "prefer")
+        if mode == "disable":
+            return sock
+        import ssl
+        sock.sendall(PG_SSL_REQUEST)
+        answer = sock.recv(1)
+        if answer != b"S":
+            if mode in ("require", "verify-ca", "verify-full"):
+                raise self.module.InterfaceError("server does not support SSL, but SSL was "
+                                                 "required")
+            if answer != b"N":
+                raise self.module.InterfaceError(f"unexpected answer to SSLRequest: {answer!r}")
+            return sock
+        if mode in ("verify-ca", "verify-full"):
+            root = params.get("sslrootcert") or os.path.expanduser("~/.postgresql/root.crt")
+            if root != "system" and not os.path.exists(root):
+                raise self.module.InterfaceError(f'root certificate file "{root}" does not '
+                                                 "exist")
+            context = ssl.create_default_context(cafile=None if root == "system" else root)
+            context.check_hostname = mode == "verify-full"
+        else:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if params.get("sslcert"):
+            context.load_cert_chain(params["sslcert"], params.get("sslkey"))
+        return context.wrap_socket(sock, server_hostname=params.get("host"))
+
+    def copy(self, conn, sql: str, data: bytes) -> None:
+        conn.cursor().execute(sql, stream=[data])
+
+    def sqlstate(self, exc) -> str | None:
+        if isinstance(exc, self.module.DatabaseError) and exc.args \
+                and isinstance(exc.args[0], dict):
+            return exc.args[0].get("C")
+        return None
+
+    def message(self, exc) -> str:
+        if self.sqlstate(exc) is not None:
+            fields = exc.args[0]    # the server's error fields: M the message, D its detail
+            return fields.get("M", "") + (f" DETAIL: {fields['D']}" if "D" in fields else "")
+        cause = exc.__cause__
+        return f"{exc}: {cause}" if cause is not None else str(exc)
+
+    def broken(self, conn, exc) -> bool:
+        return isinstance(exc, self.module.InterfaceError)     # network errors among them
+
+    def connection_fault(self, exc) -> bool:
+        return isinstance(exc, self.module.InterfaceError)
+
+
+def import_pg_driver() -> PgDriver:
+    """The first of psycopg 3, psycopg2 and pg8000 that is installed, imported only for a
+    PostgreSQL DATABASE; Fatal in one line without any."""
     try:
         import psycopg
+    except ImportError:     # also when psycopg finds no libpq to use
+        pass
+    else:
+        return Psycopg3(psycopg)
+    try:
+        import psycopg2
+        import psycopg2.extensions
     except ImportError:
         pass
     else:
-        return psycopg
-    for other in ("psycopg2", "pg8000"):
-        try:
-            __import__(other)
-        except ImportError:
-            continue
-        raise Fatal(f"a postgresql:// DATABASE needs psycopg 3; {other} is installed, which "
-                    "logtail2db does not support yet: apt-get install python3-psycopg, or "
-                    'pip install "psycopg[binary]"')
-    raise Fatal("a postgresql:// DATABASE needs the psycopg module: apt-get install "
-                'python3-psycopg, or pip install "psycopg[binary]"')
+        return Psycopg2(psycopg2)
+    try:
+        import pg8000
+    except ImportError:
+        pass
+    else:
+        version = getattr(pg8000, "__version__", "0")
+        if tuple(map(int, re.findall(r"[0-9]+", version)[:2])) < PG8000_VERSION:
+            raise Fatal(f"pg8000 {version} is too old for logtail2db, which hands it a socket "
+                        f"and needs {'.'.join(map(str, PG8000_VERSION))} or newer: pip install "
+                        '--upgrade pg8000, or apt-get install python3-psycopg')
+        import pg8000.dbapi
+        return Pg8000(pg8000.dbapi)
+    raise Fatal("a postgresql:// DATABASE needs a PostgreSQL driver (psycopg 3, psycopg2 or "
+                "pg8000): apt-get install python3-psycopg, or pip install \"psycopg[binary]\"")
 
 
 class PgLost(Exception):
@@ -2797,6 +3172,127 @@ class PgLost(Exception):
 class PgBusy(Exception):
     """Another session holds this host's lock; after a reconnect, our own old one, until
     the server notices it is dead."""
+
+
+class PgWatch:
+    """Cuts the connection of a server call that still waits PG_STOP_GRACE_S after a stop
+    was asked, so that SIGTERM ends a tailer within 2 s whatever the network does.
+
+    Why a thread: a driver blocked in libpq's C code runs no Python signal handler until
+    the server answers (libpq retries poll() on EINTR), and a server that went silent
+    without closing (packets dropped, a hung proxy or NAT) may not answer for minutes:
+    keepalives and tcp_user_timeout notice a dead peer, not one that acknowledges and says
+    nothing. So while a call runs, the main thread blocks SIGTERM and SIGINT and this
+    thread takes them, passing each on to the main thread (where it waits for the call to
+    return); a stop the main thread takes between calls reaches it through the chained
+    handlers (chain_handlers()). Once the grace has passed, it shuts the call's socket
+    down: every driver then fails the call as a lost connection, which the loop handles as
+    a fault that passes (the server rolls back, the loop stops with its warning, exit 4).
+    A connection libpq is still making has no socket to shut down yet: then the process
+    ends at once with that warning, as kill -9 would, which loses and doubles nothing (no
+    transaction of that connection was committed; offsets are read back on the next start).
+    """
+
+    def __init__(self, name: str):
+        self.name = name        # the server, as messages name it
+        self.changed = threading.Condition()    # calls, sock, closing
+        self.calls = 0          # driver calls the main thread is in
+        self.sock = None        # a duplicate of the connection's socket, to shut down
+        self.deadline = None    # time.monotonic() when calls are cut, once a stop came
+        self.closing = False
+        self.main = threading.main_thread().ident
+        self.thread = threading.Thread(target=self.run, name="logtail2db-pg-watch",
+                                       daemon=True)
+        self.thread.start()
+
+    @contextlib.contextmanager
+    def call(self):
+        """Around each driver call of the main thread: a stop signal meanwhile is ours."""
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        with self.changed:
+            self.calls += 1
+            self.changed.notify()
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.calls -= 1
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    def follow(self, fd: int) -> None:
+        """The connection's socket (a new one replaces the last)."""
+        with self.changed:
+            if self.sock is not None:
+                self.sock.close()
+            self.sock = socket.socket(fileno=os.dup(fd))
+
+    def forget(self) -> None:
+        """The connection is closed: its socket is not ours to shut down any more."""
+        with self.changed:
+            if self.sock is not None:
+                self.sock.close()
+                self.sock = None
+
+    def chain_handlers(self) -> None:
+        """Once the loop's handlers are in place: a stop they take starts the grace too."""
+        for signum in STOP_SIGNALS:
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                def on_stop(signum, frame, handler=handler):
+                    self.stop_asked()
+                    handler(signum, frame)
+                signal.signal(signum, on_stop)
+
+    def stop_asked(self) -> None:
+        if self.deadline is None:   # no lock: this runs in signal handlers too
+            self.deadline = time.monotonic() + PG_STOP_GRACE_S
+
+    def run(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        while True:
+            with self.changed:
+                while not self.calls and not self.closing:
+                    self.changed.wait()
+                if self.closing:
+                    return
+            timeout = PG_WATCH_SLICE_S
+            if self.deadline is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    self.cut()
+                else:
+                    timeout = min(timeout, left)
+            info = signal.sigtimedwait(STOP_SIGNALS, timeout)
+            if info is not None:
+                signal.pthread_kill(self.main, info.si_signo)  # its handler runs after the call
+                self.stop_asked()
+
+    def cut(self) -> None:
+        with self.changed:
+            if not self.calls:
+                return
+            if self.sock is None:
+                log.warning("stopping: no answer from %s %g s after the stop was asked, while "
+                            "connecting; what is not stored yet will be read again on the "
+                            "next start", self.name, PG_STOP_GRACE_S)
+                for handler in log.handlers:
+                    handler.flush()
+                os._exit(EXIT_UNSTORED)
+            log.warning("no answer from %s %g s after the stop was asked: connection cut",
+                        self.name, PG_STOP_GRACE_S)
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError as exc:
+                log.debug("shutting the connection down: %s", exc)  # it is gone already
+            self.sock.close()
+            self.sock = None
+
+    def close(self) -> None:
+        with self.changed:
+            self.closing = True
+            self.changed.notify()
+        self.thread.join(1.0)
+        self.forget()
 
 
 def readable_text(text) -> str:
@@ -2902,20 +3398,19 @@ class PgStore(Store):
     under a session advisory lock on the host's id, entries sent by COPY. A lost
     connection is connected again when the loop retries (reconnect())."""
 
-    def __init__(self, url: str, host_name: str, driver):
+    def __init__(self, url: str, host_name: str, driver: PgDriver):
         self.url = url
         self.name, self.password = pg_url_parts(url)
         self.host_name = host_name
         self.pg = driver
-        self.errors = (driver.Error, PgLost, PgBusy)
+        self.errors = (*driver.errors, PgLost, PgBusy)
         self.conn = None
+        self.in_tx = False      # BEGIN said on conn, neither COMMIT nor ROLLBACK yet
+        self.watch = None       # PgWatch: for a tailer (open()), not for --stats
         self.host_id = None
         self.rows = None
         self.lost = False       # the connection went with a fault: connect when retried
         self.partitions_at = 0.0    # time.time() when tomorrow's partition is looked at
-        # psycopg logs what it ignores while closing a broken COPY ("the connection is
-        # lost"): we report the fault itself, once, through Backoff.
-        logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
     @classmethod
     def open(cls, url: str, host_name: str) -> PgStore:
@@ -2923,40 +3418,62 @@ class PgStore(Store):
         such database, tables not ours, the host tailed already), PgLost saying why for
         one that does (the server down, starting, unreachable)."""
         store = cls(url, host_name, import_pg_driver())
+        store.watch = PgWatch(store.name)
         try:
             store.connect(first=True)
         except store.errors as exc:
+            store.close()
             if not store.is_transient(exc):
                 raise Fatal(store.explain(exc)) from None
             raise PgLost(store.explain(exc)) from None
+        except BaseException:
+            store.close()
+            raise
         return store
 
-    def conninfo(self) -> str:
-        """The URL as libpq reads it (its environment and ~/.pgpass too), with our defaults
-        for what neither sets."""
-        params = self.pg.conninfo.conninfo_to_dict(self.url)
-        for key, value in PG_DEFAULTS.items():
-            if key not in params and not (key == "connect_timeout"
-                                          and os.environ.get("PGCONNECT_TIMEOUT")):
-                params[key] = value
-        return self.pg.conninfo.make_conninfo(**params)
+    def call(self):
+        """Around a driver call: watched by PgWatch, if the store has one."""
+        return self.watch.call() if self.watch is not None else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def on_server(self):
+        """Around a call on the connection, which it yields. A fault the connection went
+        with is PgLost, whatever it says ("invalid socket" from psycopg2 after a COPY cut
+        short): the connection is made again when retried, and a fault that lasts shows
+        there."""
+        conn = self.live()
+        try:
+            with self.call():
+                yield conn
+        except self.pg.errors as exc:
+            if not self.pg.broken(conn, exc):
+                raise
+            message = self.fault_text(exc)
+            self.disconnect()
+            self.lost = True
+            raise PgLost(message) from None
+
+    def execute(self, sql: str, params=None):
+        """One statement (or a script, without params); its cursor, rows fetched."""
+        with self.on_server() as conn:
+            return self.pg.execute(conn, sql, params)
 
     def connect(self, first: bool = False) -> None:
         """A new connection: schema checked (created, migrated), this host's id and its
         lock; each in its own transaction."""
-        self.close()
-        conn = self.pg.connect(self.conninfo(), autocommit=True)
-        self.conn = conn
+        self.disconnect()
         try:
+            with self.call():
+                self.conn = self.pg.connect(self.url, self.watch.follow if self.watch else None)
             for sql in PG_SESSION:
-                conn.execute(sql)
+                self.execute(sql)
             self.prepare()
-            conn.execute("INSERT INTO hosts (name) VALUES (%s) ON CONFLICT (name) DO NOTHING",
+            self.execute("INSERT INTO hosts (name) VALUES (%s) ON CONFLICT (name) DO NOTHING",
                          (self.host_name,))
-            self.host_id = conn.execute("SELECT id FROM hosts WHERE name = %s",
+            self.host_id = self.execute("SELECT id FROM hosts WHERE name = %s",
                                         (self.host_name,)).fetchone()[0]
             self.rows = PgRows(self.host_id)
-            if not conn.execute("SELECT pg_try_advisory_lock(%s, %s)",
+            if not self.execute("SELECT pg_try_advisory_lock(%s, %s)",
                                 (PG_LOCK_CLASS, self.host_id)).fetchone()[0]:
                 who = self.lock_holder()
                 if first:
@@ -2967,12 +3484,15 @@ class PgStore(Store):
                              "until the server notices that connection is gone")
             self.ensure_partitions()
         except BaseException:
-            self.close()
+            self.disconnect()
             raise
         self.lost = False
+        if first:
+            log.info("%s: storing as host %r, through %s", self.name, self.host_name,
+                     self.pg.name)
 
     def lock_holder(self) -> str:
-        row = self.conn.execute(
+        row = self.execute(
             "SELECT a.pid, host(a.client_addr), a.application_name FROM pg_locks AS l"
             " JOIN pg_stat_activity AS a ON a.pid = l.pid WHERE l.locktype = 'advisory'"
             " AND l.classid = %s AND l.objid = %s AND l.objsubid = 2 AND l.granted",
@@ -2985,17 +3505,16 @@ class PgStore(Store):
     def prepare(self) -> None:
         """Check the tables before changing anything, then create or migrate them, in one
         transaction that other hosts' tailers wait for."""
-        conn = self.conn
         with self.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (PG_LOCK_CLASS,))
-            found = [row[0] for row in conn.execute(
+            self.execute("SELECT pg_advisory_xact_lock(%s, 0)", (PG_LOCK_CLASS,))
+            found = [row[0] for row in self.execute(
                 "SELECT c.relname FROM pg_class AS c JOIN pg_namespace AS n"
                 " ON n.oid = c.relnamespace WHERE n.nspname = current_schema()"
                 " AND c.relname = ANY(%s) ORDER BY 1", (list(PG_TABLES),))]
-            meta = dict(conn.execute("SELECT key, value FROM meta") if "meta" in found else ())
+            meta = dict(self.execute("SELECT key, value FROM meta") if "meta" in found else ())
             if not found:
                 log.info("%s: creating the logtail2db schema", self.name)
-                conn.execute(PG_SCHEMA)
+                self.execute(PG_SCHEMA)
                 return
             if meta.get("program") != "logtail2db":
                 raise Fatal(f"{self.name} has tables of another program ({', '.join(found)}: "
@@ -3008,8 +3527,8 @@ class PgStore(Store):
             if version < PG_SCHEMA_VERSION:
                 log.info("%s: migrating schema %d -> %d", self.name, version, PG_SCHEMA_VERSION)
                 for v in range(version, PG_SCHEMA_VERSION):
-                    conn.execute(PG_MIGRATIONS[v])
-                conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'",
+                    self.execute(PG_MIGRATIONS[v])
+                self.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'",
                              (str(PG_SCHEMA_VERSION),))
 
     def ensure_partitions(self) -> None:
@@ -3024,42 +3543,51 @@ class PgStore(Store):
             return
         try:
             with self.transaction():
-                self.conn.execute(f"SET LOCAL lock_timeout = '{PARTITION_LOCK_TIMEOUT}'")
-                self.conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (PG_LOCK_CLASS,))
+                self.execute(f"SET LOCAL lock_timeout = '{PARTITION_LOCK_TIMEOUT}'")
+                self.execute("SELECT pg_advisory_xact_lock(%s, 0)", (PG_LOCK_CLASS,))
                 existing = self.partition_days()
                 for day in missing:
                     name = day.strftime("%Y%m%d")
                     if name in existing:
                         continue    # another host's tailer made it meanwhile
                     upper = day + timedelta(days=1)
-                    self.conn.execute("SAVEPOINT partition")
+                    self.execute("SAVEPOINT partition")
                     try:
-                        self.conn.execute(
+                        self.execute(
                             f"CREATE TABLE entries_{name} PARTITION OF entries FOR VALUES"
                             f" FROM ('{day:%Y-%m-%d} 00:00+00') TO ('{upper:%Y-%m-%d} 00:00+00')")
-                    except self.pg.errors.CheckViolation:
+                    except self.pg.errors as exc:
+                        if self.pg.sqlstate(exc) != CHECK_VIOLATION:
+                            raise
                         # Rows of that day are in the DEFAULT partition already.
-                        self.conn.execute("ROLLBACK TO SAVEPOINT partition")
-        except self.pg.errors.LockNotAvailable as exc:
+                        self.execute("ROLLBACK TO SAVEPOINT partition")
+        except self.pg.errors as exc:
+            if self.pg.sqlstate(exc) != LOCK_NOT_AVAILABLE:
+                raise
             log.debug("partitions put off: %s", exc)    # busy: try again soon
             self.partitions_at = time.time() + 60
 
     def partition_days(self) -> set:
         """The days (YYYYMMDD) that have a partition of entries."""
-        return {row[0][len("entries_"):] for row in self.conn.execute(
+        return {row[0][len("entries_"):] for row in self.execute(
             "SELECT c.relname FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid"
             " WHERE i.inhparent = 'entries'::regclass AND c.relname ~ '^entries_[0-9]{8}$'")}
 
     @contextlib.contextmanager
     def transaction(self):
         """One server transaction of its own (schema, partitions, retention)."""
-        self.live().execute("BEGIN")
+        self.execute("BEGIN")
+        self.in_tx = True
         try:
             yield
-            self.conn.execute("COMMIT")
+            self.commit()
         except BaseException as exc:
             self.abort(exc)
             raise
+
+    def commit(self) -> None:
+        self.in_tx = False  # COMMIT ends the transaction, stored or not, whatever its answer
+        self.execute("COMMIT")
 
     def live(self):
         if self.conn is None:
@@ -3067,24 +3595,24 @@ class PgStore(Store):
         return self.conn
 
     def in_transaction(self) -> bool:
-        return (self.conn is not None and self.conn.info.transaction_status
-                != self.pg.pq.TransactionStatus.IDLE)
+        return self.conn is not None and self.in_tx
 
     def abort(self, exc) -> None:
         """Roll back after exc; a connection that broke is dropped, to be made again. A
         COMMIT it broke in may have been stored: reconnect() tells the loop to read the
         offsets back."""
-        conn = self.conn
-        if conn is None:
+        if self.conn is None:
             return
-        if not conn.broken and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        if not self.pg.broken(self.conn, exc) and not isinstance(exc, (KeyboardInterrupt,
+                                                                     SystemExit)):
             try:
                 if self.in_transaction():
-                    conn.execute("ROLLBACK")
+                    self.in_tx = False
+                    self.execute("ROLLBACK")
                 return
-            except self.pg.Error as again:
+            except self.errors as again:
                 log.debug("rollback failed: %s", again)     # the connection went meanwhile
-        self.close()
+        self.disconnect()
         self.lost = True
 
     @contextlib.contextmanager
@@ -3092,7 +3620,7 @@ class PgStore(Store):
         try:
             yield
             if self.in_transaction():
-                self.conn.execute("COMMIT")
+                self.commit()
         except BaseException as exc:
             self.abort(exc)
             raise
@@ -3102,9 +3630,9 @@ class PgStore(Store):
         if not self.in_transaction():
             if time.time() >= self.partitions_at:
                 self.ensure_partitions()
-            self.live().execute("BEGIN")
-            self.conn.execute("UPDATE hosts SET last_commit = now() WHERE id = %s",
-                              (self.host_id,))
+            self.execute("BEGIN")
+            self.in_tx = True
+            self.execute("UPDATE hosts SET last_commit = now() WHERE id = %s", (self.host_id,))
 
     def reconnect(self) -> bool:
         if not self.lost:
@@ -3116,79 +3644,83 @@ class PgStore(Store):
     def is_transient(self, exc) -> bool:
         if isinstance(exc, (PgLost, PgBusy)):
             return True
-        if isinstance(exc, Fatal) or not isinstance(exc, self.pg.Error):
+        if isinstance(exc, Fatal) or not isinstance(exc, self.pg.errors):
             return False
-        code = getattr(exc, "sqlstate", None)
+        code = self.pg.sqlstate(exc)
         if code:
             return code[:2] in PG_TRANSIENT_CLASSES or code in PG_TRANSIENT_CODES
-        if not isinstance(exc, self.pg.OperationalError):
+        if not self.pg.connection_fault(exc):
             return False
-        text = str(exc)
+        text = self.pg.message(exc)
         return not any(word in text for word in PG_PERMANENT_WORDS) or "shutting down" in text \
             or "starting up" in text
 
     def explain(self, exc) -> str:
-        text = " ".join(str(exc).split()).replace(self.url, self.name)   # over lines in libpq
+        return f"{self.name}: {self.fault_text(exc)}"
+
+    def fault_text(self, exc) -> str:
+        """What exc says, on one line, without the password."""
+        text = self.pg.message(exc) if isinstance(exc, self.pg.errors) else str(exc)
+        text = " ".join(text.split()).replace(self.url, self.name)     # over lines in libpq
         text = text.partition(" CONTEXT: ")[0]  # the row COPY was at: log data, not the fault
         if self.password:
             text = text.replace(self.password, "***")
-        return f"{self.name}: {text}"
+        return text
 
     def state(self, row) -> FileState:
-        row = list(row)
+        row = list(map(plain_bytes, row))
         for at in (3, 4):   # numeric(20): Decimal, as ints again
             if row[at] is not None:
                 row[at] = int(row[at])
         return FileState(*row)
 
     def files(self) -> list:
-        return [self.state(row) for row in self.live().execute(
+        return [self.state(row) for row in self.execute(
             PG_SELECT_FILES + " AND gone IS NULL", (self.host_id,))]
 
     def gone_files(self, limit: int) -> list:
-        return [self.state(row) for row in self.live().execute(
+        return [self.state(row) for row in self.execute(
             PG_SELECT_FILES + " AND gone IS NOT NULL ORDER BY gone DESC, id DESC LIMIT %s",
             (self.host_id, limit))]
 
     def file_states(self, ids) -> dict:
         if not ids:
             return {}
-        rows = self.live().execute(PG_SELECT_FILES + " AND id = ANY(%s)",
-                                   (self.host_id, list(ids)))
+        rows = self.execute(PG_SELECT_FILES + " AND id = ANY(%s)", (self.host_id, list(ids)))
         return {state.id: state for state in map(self.state, rows)}
 
     def max_file_id(self) -> int:
-        return self.live().execute("SELECT coalesce(max(id), 0) FROM files WHERE host_id = %s",
-                                   (self.host_id,)).fetchone()[0]
+        return self.execute("SELECT coalesce(max(id), 0) FROM files WHERE host_id = %s",
+                            (self.host_id,)).fetchone()[0]
 
     def add(self, rows: list) -> None:
         self.add_batch(PgRows.batch(list(rows)))
 
     def add_batch(self, batch: tuple) -> None:
         self.begin()
-        cursor = self.conn.cursor()
         for size, data in batch[1]:     # runs of one shape, in order
-            with cursor.copy(COPY_ROW[size]) as copy:
-                copy.write(data)
+            with self.on_server() as conn:
+                self.pg.copy(conn, COPY_ROW[size], data)
 
     def save(self, states: list) -> None:
         self.begin()
         host_id = self.host_id
-        self.conn.cursor().executemany(PG_UPSERT_FILE, [(host_id, *state) for state in states])
+        with self.on_server() as conn:
+            self.pg.executemany(conn, PG_UPSERT_FILE, [(host_id, *state) for state in states])
 
     def enable_fts(self) -> None:
         """--fts: a trigram index of the messages (pg_trgm), for LIKE and ILIKE on them."""
         try:
             with self.transaction():
-                self.conn.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
-        except self.pg.Error as exc:
+                self.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
+        except self.pg.errors as exc:
             if self.is_transient(exc):
                 raise
             raise Fatal(f"--fts needs the pg_trgm extension in {self.name}, which could not "
                         f"be created ({self.explain(exc)}); a superuser can run CREATE "
                         "EXTENSION pg_trgm there once") from None
         with self.transaction():
-            self.conn.execute(PG_FTS)
+            self.execute(PG_FTS)
 
     def id_range(self) -> tuple:
         # Retention by whole days needs no id ranges: one prune() is the whole sweep.
@@ -3200,24 +3732,33 @@ class PgStore(Store):
         deleted = 0
         cutoff_day = cutoff[:10].replace("-", "")
         with self.transaction():
-            self.conn.execute(f"SET LOCAL lock_timeout = '{PARTITION_LOCK_TIMEOUT}'")
+            self.execute(f"SET LOCAL lock_timeout = '{PARTITION_LOCK_TIMEOUT}'")
             for day in sorted(self.partition_days()):
                 upper = datetime.strptime(day, "%Y%m%d") + timedelta(days=1)
                 if upper.strftime("%Y%m%d") <= cutoff_day:
-                    deleted += self.conn.execute(
-                        f"SELECT count(*) FROM entries_{day}").fetchone()[0]
-                    self.conn.execute(f"DROP TABLE entries_{day}")
-            deleted += self.conn.execute(
-                "DELETE FROM entries_default WHERE stored < %s::date", (cutoff[:10],)).rowcount
+                    deleted += self.execute(f"SELECT count(*) FROM entries_{day}").fetchone()[0]
+                    self.execute(f"DROP TABLE entries_{day}")
+            deleted += self.execute("DELETE FROM entries_default WHERE stored < %s::date",
+                                    (cutoff[:10],)).rowcount
         return deleted
 
-    def close(self) -> None:
+    def disconnect(self) -> None:
+        """End the session (the host's lock goes with it), if there is one."""
         if self.conn is not None:
-            conn, self.conn = self.conn, None
+            conn, self.conn, self.in_tx = self.conn, None, False
             try:
-                conn.close()    # ends the session: the host's lock goes with it
-            except self.pg.Error as exc:
+                with self.call():
+                    conn.close()
+            except self.pg.errors as exc:
                 log.debug("closing the connection: %s", exc)
+        if self.watch is not None:
+            self.watch.forget()
+
+    def close(self) -> None:
+        self.disconnect()
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
 
 
 def read_pg_stats(url: str, host_name: str, now_s: float) -> Stats:
@@ -3225,38 +3766,39 @@ def read_pg_stats(url: str, host_name: str, now_s: float) -> Stats:
     fleet its entries, newest entry and last commit."""
     store = PgStore(url, host_name, import_pg_driver())
     try:
-        conn = store.pg.connect(store.conninfo(), autocommit=True)
-    except store.pg.Error as exc:
+        store.conn = store.pg.connect(url)
+    except store.pg.errors as exc:
         raise Fatal(store.explain(exc)) from None
+    query = store.execute
     try:
-        conn.execute("SET TIME ZONE 'UTC'")
-        conn.execute("SET default_transaction_read_only = on")
-        if conn.execute("SELECT to_regclass('meta') IS NULL OR to_regclass('entries') IS NULL"
-                        ).fetchone()[0]:
+        query("SET TIME ZONE 'UTC'")
+        query("SET default_transaction_read_only = on")
+        if query("SELECT to_regclass('meta') IS NULL OR to_regclass('entries') IS NULL"
+                 ).fetchone()[0]:
             raise Fatal(f"{store.name} has no logtail2db schema")
-        host = conn.execute("SELECT id FROM hosts WHERE name = %s", (host_name,)).fetchone()
+        host = query("SELECT id FROM hosts WHERE name = %s", (host_name,)).fetchone()
         host_id = host[0] if host else -1
         since = time.strftime("%Y-%m-%d %H:00:00", time.gmtime(now_s - 23 * 3600))
         text_ts = "to_char(max(ts), 'YYYY-MM-DD HH24:MI:SS')"
         return Stats(
-            conn.execute('SELECT path, path_bytes, "offset", gone FROM files WHERE host_id = %s'
-                         " ORDER BY path", (host_id,)).fetchall(),
-            conn.execute("SELECT level, count(*) FROM entries WHERE host_id = %s"
-                         " GROUP BY 1 ORDER BY 2 DESC, 1", (host_id,)).fetchall(),
-            conn.execute(f"SELECT {text_ts} FROM entries WHERE host_id = %s",
-                         (host_id,)).fetchone()[0],
+            [tuple(map(plain_bytes, row)) for row in query(
+                'SELECT path, path_bytes, "offset", gone FROM files WHERE host_id = %s'
+                " ORDER BY path", (host_id,))],
+            query("SELECT level, count(*) FROM entries WHERE host_id = %s"
+                  " GROUP BY 1 ORDER BY 2 DESC, 1", (host_id,)).fetchall(),
+            query(f"SELECT {text_ts} FROM entries WHERE host_id = %s", (host_id,)).fetchone()[0],
             since,
-            conn.execute("SELECT level, floor(extract(epoch FROM ts - %s::timestamptz) / 3600)::int,"
-                         " count(*) FROM entries WHERE host_id = %s AND ts >= %s::timestamptz"
-                         " GROUP BY 1, 2", (since, host_id, since)).fetchall(),
-            conn.execute("SELECT h.name, count(e.host_id), to_char(max(e.ts), 'YYYY-MM-DD HH24:MI:SS'),"
-                         " to_char(h.last_commit, 'YYYY-MM-DD HH24:MI:SS') FROM hosts AS h"
-                         " LEFT JOIN entries AS e ON e.host_id = h.id"
-                         " GROUP BY h.id ORDER BY h.name").fetchall())
-    except store.pg.Error as exc:
+            query("SELECT level, floor(extract(epoch FROM ts - %s::timestamptz) / 3600)::int,"
+                  " count(*) FROM entries WHERE host_id = %s AND ts >= %s::timestamptz"
+                  " GROUP BY 1, 2", (since, host_id, since)).fetchall(),
+            query("SELECT h.name, count(e.host_id), to_char(max(e.ts), 'YYYY-MM-DD HH24:MI:SS'),"
+                  " to_char(h.last_commit, 'YYYY-MM-DD HH24:MI:SS') FROM hosts AS h"
+                  " LEFT JOIN entries AS e ON e.host_id = h.id"
+                  " GROUP BY h.id ORDER BY h.name").fetchall())
+    except store.pg.errors as exc:
         raise Fatal(store.explain(exc)) from None
     finally:
-        conn.close()
+        store.close()
 
 
 def open_store(target: str, mode: int = 0o600, host_name: str = None) -> Store:
@@ -5094,9 +5636,6 @@ def setup_logging(verbosity: int) -> None:
     log.propagate = False
 
 
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-
-
 def open_waiting(args) -> Store | None:
     """open_store(); a PostgreSQL server that cannot be reached is waited for with the
     loop's back-off, SIGTERM/SIGINT ending the wait (None). The caller blocks them."""
@@ -5149,6 +5688,8 @@ def run_tailer(args) -> int:
         tailer.directory.skip_own_files(args.database)
         tailer.load()
         tailer.install_signals()
+        if isinstance(store, PgStore):
+            store.watch.chain_handlers()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         tailer.run()
         log.info("%s: %s", "done" if args.once else "stopped", tailer.summary())

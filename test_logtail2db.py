@@ -3807,9 +3807,37 @@ def test_copy_data_is_what_the_rows_hold(special):
 #
 # One server per test session, started here (initdb into a temporary directory, as an
 # unprivileged user when run as root, a unix socket only, fsync off); one database per
-# test. Without the server binaries or psycopg these tests fail: they never skip.
+# test. Without the server binaries or a driver these tests fail: they never skip.
+#
+# The tailer runs with one driver: psycopg 3, unless a test is parametrized over all three
+# (pytest.mark.parametrize("pg", PG_DRIVERS, indirect=True)) or LOGTAIL2DB_TEST_PG_DRIVER
+# names another for every test (LOGTAIL2DB_TEST_PG_DRIVER=pg8000 python -m pytest -k pg).
+# The drivers before it in logtail2db's order are hidden from the tailer's interpreter by
+# modules of their names, first on its PYTHONPATH, that fail to import.
 
 PG_PASSWORD = "s3cr3t-Pa55word"
+PG_DRIVERS = ("psycopg", "psycopg2", "pg8000")
+PG_DRIVER = os.environ.get("LOGTAIL2DB_TEST_PG_DRIVER", "psycopg")
+DRIVER_NAMES = {"psycopg": "psycopg 3", "psycopg2": "psycopg2", "pg8000": "pg8000"}
+
+
+@pytest.fixture(scope="session")
+def driver_commands(tmp_path_factory):
+    """{driver: the tailer's command, with only that driver of the three to import}."""
+    commands = {}
+    for at, driver in enumerate(PG_DRIVERS):
+        try:
+            __import__(driver)
+        except ImportError:
+            commands[driver] = None     # pg fails the tests that ask for it
+            continue
+        hidden = tmp_path_factory.mktemp(f"without-{driver}")
+        for other in PG_DRIVERS[:at]:
+            (hidden / f"{other}.py").write_text(
+                f"raise ImportError('{other} is hidden from this test run')\n")
+        path = os.pathsep.join(filter(None, [str(hidden), os.environ.get("PYTHONPATH")]))
+        commands[driver] = ["env", f"PYTHONPATH={path}", sys.executable, TOOL]
+    return commands
 
 
 def find_pg_bin():
@@ -3914,18 +3942,26 @@ def pg_server():
 
 
 @pytest.fixture
-def pg(pg_server, request):
-    """A database of its own for this test; its URL is pg.url."""
-    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50]
+def pg(pg_server, driver_commands, request):
+    """A database of its own for this test; its URL is pg.url, pg.command runs the tailer
+    with the driver asked for (the fixture's parameter, else PG_DRIVER)."""
+    driver = getattr(request, "param", PG_DRIVER)
+    if driver_commands.get(driver) is None:
+        pytest.fail(f"{driver} is not importable: pip install psycopg[binary] psycopg2-binary "
+                    "pg8000 (see README)")
+    test = re.sub(r"[^a-z0-9]+", "_", request.node.originalname.lower())
+    name = f"t_{driver}_{test}"[:63]
     pg_server.sql("postgres", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     pg_server.sql("postgres", f'CREATE DATABASE "{name}"')
-    return PgDatabase(pg_server, name)
+    return PgDatabase(pg_server, name, driver, driver_commands[driver])
 
 
 class PgDatabase:
-    def __init__(self, server, name):
+    def __init__(self, server, name, driver, command):
         self.server, self.name = server, name
         self.url = server.url(name)
+        self.driver, self.command = driver, command
+        self.through = f"through {DRIVER_NAMES[driver]}"    # as the tailer says it connected
 
     def query(self, sql, params=None):
         try:
@@ -3942,13 +3978,13 @@ class PgDatabase:
             f"SELECT raw_bytes FROM logs {where} ORDER BY id", params)]
 
 
-def pg_daemon(pg, directory, tmp_path, *args, host="host-a", ready=True, command=None):
+def pg_daemon(pg, directory, tmp_path, *args, host="host-a", ready=True, url=None):
     """The tailer of one host into pg's database, as a subprocess."""
     stderr = tmp_path / f"stderr-{host}-{time.monotonic_ns()}"
-    daemon = Daemon(command or [sys.executable, TOOL], directory, pg.url, stderr,
-                    ("--host-name", host, *args))
+    daemon = Daemon(pg.command, directory, url or pg.url, stderr, ("--host-name", host, *args))
     if ready:
         daemon.wait_ready()
+        assert pg.through in daemon.stderr, daemon.stderr
     return daemon
 
 
@@ -3967,8 +4003,11 @@ def pg_daemons(pg, tmp_path):
         daemon.stop()
 
 
-def pg_once(pg, directory, *args, host="host-a", command=None):
-    return run_once("--host-name", host, *args, directory, pg.url, command=command)
+def pg_once(pg, directory, *args, host="host-a", url=None):
+    result = run_once("--host-name", host, *args, directory, url or pg.url, command=pg.command)
+    if result.returncode == 0:
+        assert pg.through.encode() in result.stderr, result.stderr
+    return result
 
 
 def pg_offsets_and_raws(pg, host="host-a"):
@@ -3982,6 +4021,93 @@ def sqlite_offsets_and_raws(db):
                      "part")
 
 
+class SilentProxy:
+    """A TCP port in front of the test server's unix socket, forwarding both ways until
+    silence(): then it reads and forwards nothing more and closes nothing, as a network
+    that drops packets looks to the tailer (connections it accepts then are held only).
+    pending() counts the bytes either side sent since, that the other did not get: above 0,
+    a call waits on the server. close() closes every socket: the server ends the sessions."""
+
+    def __init__(self, socket_dir):
+        import socket
+        self.target = str(Path(socket_dir) / ".s.PGSQL.5432")
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets = []
+        self.silent, self.closed = threading.Event(), threading.Event()
+        self.wake_r, self.wake_w = os.pipe()    # written on silence() and close(), never read
+        self.threads = [threading.Thread(target=self.accept)]
+        self.threads[0].start()
+
+    def accept(self):
+        import socket
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return      # closed
+            self.sockets.append(client)
+            if self.silent.is_set():
+                continue
+            server = socket.socket(socket.AF_UNIX)
+            server.connect(self.target)
+            self.sockets.append(server)
+            for source, sink in ((client, server), (server, client)):
+                self.threads.append(threading.Thread(target=self.pump, args=(source, sink)))
+                self.threads[-1].start()
+
+    def pump(self, source, sink):
+        while True:
+            ready = select.select([source, self.wake_r], [], [])[0]
+            if self.wake_r in ready:
+                self.closed.wait()  # silent: nothing more goes through, until closed
+                return
+            try:
+                data = source.recv(65536)
+                if not data:
+                    sink.shutdown(2)
+                    return
+                sink.sendall(data)
+            except OSError:
+                return      # the other side went
+
+    def silence(self):
+        self.silent.set()
+        os.write(self.wake_w, b"x")
+
+    def pending(self) -> int:
+        import fcntl
+        import termios
+        total = 0
+        for sock in list(self.sockets):
+            try:
+                waiting = fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4))
+            except OSError:
+                continue    # closed meanwhile
+            total += int.from_bytes(waiting, sys.byteorder)
+        return total
+
+    def close(self):
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        os.write(self.wake_w, b"x")
+        self.listener.shutdown(2)   # accept() returns
+        self.listener.close()
+        for thread in self.threads:
+            thread.join(5)
+        for sock in self.sockets:
+            sock.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+
+def logtail2db_sessions(pg) -> int:
+    return pg.query("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'logtail2db'"
+                    " AND datname = %s", (pg.name,))[0][0]
+
+
+@pytest.mark.parametrize("pg", PG_DRIVERS, indirect=True)
 def test_pg_three_hosts_into_one_server_exactly_once(pg, pg_daemons, tmp_path):
     dirs = {}
     for host in ("web-1", "web-2", "db-1"):
@@ -4017,6 +4143,7 @@ def test_pg_entries_and_offsets_match_sqlite(pg, logdir, db):
         is not None
 
 
+@pytest.mark.parametrize("pg", PG_DRIVERS, indirect=True)
 def test_pg_kill_9_at_random_moments_of_a_catch_up_exactly_once(pg, logdir, db, tmp_path):
     append(logdir / "sys.log", syslog_backlog(200_000, seed=7))
     append(logdir / "plain.log", numbered(0, 100_000))
@@ -4040,6 +4167,7 @@ def test_pg_kill_9_at_random_moments_of_a_catch_up_exactly_once(pg, logdir, db, 
     assert got == expected
 
 
+@pytest.mark.parametrize("pg", PG_DRIVERS, indirect=True)
 def test_pg_connections_cut_during_a_catch_up_lose_and_double_nothing(pg, logdir, db, tmp_path):
     """pg_terminate_backend() at random moments: COMMITs cut short, their outcome unknown
     to the tailer until it reads the offsets back."""
@@ -4071,6 +4199,7 @@ def test_pg_connections_cut_during_a_catch_up_lose_and_double_nothing(pg, logdir
     assert pg_offsets_and_raws(pg) == expected
 
 
+@pytest.mark.parametrize("pg", PG_DRIVERS, indirect=True)
 def test_pg_server_restarted_while_lines_keep_coming(pg, pg_daemons, logdir):
     log = logdir / "app.log"
     daemon = pg_daemons(logdir)
@@ -4119,6 +4248,59 @@ def test_pg_sigterm_while_the_server_is_down_exits_4_within_2_s(pg, pg_daemons, 
     assert pg.raws() == [b"before", b"while down"]
 
 
+@pytest.fixture
+def silent_proxy(pg):
+    proxy = SilentProxy(pg.server.socket_dir)
+    yield proxy
+    proxy.close()
+
+
+def stop_waiting_on(proxy, daemon):
+    """SIGTERM once the tailer waits on the silent proxy: it exits 4 within 2 s."""
+    wait_for(lambda: proxy.pending() > 0, 10, "the tailer to wait on the server",
+             lambda: daemon.stderr)
+    started = time.monotonic()
+    status = daemon.terminate(timeout=10)
+    elapsed = time.monotonic() - started
+    assert status == lt.EXIT_UNSTORED, daemon.stderr
+    assert elapsed < 2, (elapsed, daemon.stderr)
+    proxy.close()
+
+
+@pytest.mark.parametrize("pg", PG_DRIVERS, indirect=True)
+def test_pg_sigterm_while_a_call_waits_on_a_silent_network_exits_4_within_2_s(
+        pg, pg_daemons, silent_proxy, logdir):
+    """The network goes silent during a catch-up (nothing answered, nothing closed): SIGTERM
+    cuts the waiting call short; the next start stores every line once."""
+    lines = numbered(0, 100_000)
+    append(logdir / "app.log", lines)
+    url = f"postgresql://postgres@127.0.0.1:{silent_proxy.port}/{pg.name}"
+    daemon = pg_daemons(logdir, ready=False, url=url)
+    wait_for(lambda: (pg.query("SELECT count(*) FROM entries") or [(0,)])[0][0] > 0, 30,
+             "the first entries", lambda: daemon.stderr)
+    silent_proxy.silence()
+    append(logdir / "app.log", b"written while silent\n")
+    stop_waiting_on(silent_proxy, daemon)
+    assert "connection cut" in daemon.stderr, daemon.stderr
+    assert "read again on the next start" in daemon.stderr
+    wait_for(lambda: logtail2db_sessions(pg) == 0, 10, "the server to end the session")
+    assert pg_once(pg, logdir).returncode == 0
+    assert pg.raws() == (lines + b"written while silent\n").splitlines()
+
+
+@pytest.mark.parametrize("pg", PG_DRIVERS, indirect=True)
+def test_pg_sigterm_while_connecting_to_a_silent_server_exits_4_within_2_s(
+        pg, pg_daemons, silent_proxy, logdir):
+    append(logdir / "app.log", b"one\n")
+    silent_proxy.silence()
+    url = f"postgresql://postgres@127.0.0.1:{silent_proxy.port}/{pg.name}"
+    daemon = pg_daemons(logdir, ready=False, url=url)
+    stop_waiting_on(silent_proxy, daemon)
+    assert "on the next start" in daemon.stderr, daemon.stderr
+    assert pg_once(pg, logdir).returncode == 0
+    assert pg.raws() == [b"one"]
+
+
 def test_pg_server_down_at_start_is_waited_for(pg, tmp_path, logdir):
     append(logdir / "app.log", b"one\n")
     pg.server.stop()
@@ -4139,7 +4321,7 @@ def test_pg_server_down_at_start_is_waited_for(pg, tmp_path, logdir):
 def test_pg_sigterm_while_waiting_for_the_server_at_start_exits_4(pg, tmp_path, logdir):
     append(logdir / "app.log", b"one\n")
     url = pg.server.url(pg.name).replace(str(pg.server.socket_dir), str(tmp_path / "no-server"))
-    daemon = Daemon([sys.executable, TOOL], logdir, url, tmp_path / "stderr", ())
+    daemon = Daemon(pg.command, logdir, url, tmp_path / "stderr", ())
     wait_for(lambda: "cannot store entries" in daemon.stderr, 20, "the server missed",
              lambda: daemon.stderr)
     started = time.monotonic()
@@ -4148,6 +4330,7 @@ def test_pg_sigterm_while_waiting_for_the_server_at_start_exits_4(pg, tmp_path, 
     assert "next start" in daemon.stderr
 
 
+@pytest.mark.parametrize("pg", PG_DRIVERS, indirect=True)
 def test_pg_second_tailer_for_the_same_host_exits_1(pg, pg_daemons, logdir, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
@@ -4159,6 +4342,7 @@ def test_pg_second_tailer_for_the_same_host_exits_1(pg, pg_daemons, logdir, tmp_
     assert pg_once(pg, other, host="web-2").returncode == 0
 
 
+@pytest.mark.parametrize("pg", PG_DRIVERS, indirect=True)
 def test_pg_invalid_utf8_and_nul_round_trip_through_raw_bytes(pg, logdir):
     data = [b"bad \xff\xfe byte", b"nul \x00 inside", b"caf\xc3\xa9 fine", b"\x00",
             b"<13>Nov 24 13:59:19 host app[1]: nul \x00 and bad \xc3 in syslog",
@@ -4202,7 +4386,7 @@ def test_pg_fts_builds_a_trigram_index(pg, logdir):
 
 
 def test_pg_driver_missing_is_one_line(pg, logdir):
-    result = pg_once(pg, logdir, command=[sys.executable, "-S", TOOL])
+    result = run_once(logdir, pg.url, command=[sys.executable, "-S", TOOL])
     assert result.returncode == 1
     lines = result.stderr.decode().splitlines()
     assert len(lines) == 1, lines
@@ -4210,6 +4394,20 @@ def test_pg_driver_missing_is_one_line(pg, logdir):
     assert 'pip install "psycopg[binary]"' in lines[0]
 
 
+def test_pg_pg8000_too_old_is_one_line(pg, logdir, tmp_path):
+    hidden = tmp_path / "old-pg8000"
+    hidden.mkdir()
+    for name in ("psycopg", "psycopg2"):
+        (hidden / f"{name}.py").write_text("raise ImportError('hidden')\n")
+    (hidden / "pg8000.py").write_text("__version__ = '1.10.6'\n")     # Debian 12's
+    result = run_once(logdir, pg.url, command=["env", f"PYTHONPATH={hidden}", sys.executable,
+                                               TOOL])
+    lines = result.stderr.decode().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, lines
+    assert "pg8000 1.10.6 is too old" in lines[0] and "1.31 or newer" in lines[0]
+
+
+@pytest.mark.parametrize("pg", PG_DRIVERS, indirect=True)
 def test_pg_password_never_shows(pg, logdir, tmp_path):
     append(logdir / "app.log", b"one\n")
     socket_dir = pg.server.socket_dir
@@ -4217,18 +4415,19 @@ def test_pg_password_never_shows(pg, logdir, tmp_path):
     wrong = f"postgresql://pwuser:{PG_PASSWORD}x@/{pg.name}?host={socket_dir}"
     in_query = f"postgresql:///{pg.name}?host={socket_dir}&user=pwuser&password={PG_PASSWORD}y"
     for url, status in ((wrong, 1), (in_query, 1), (right, 0)):
-        result = run_once("-v", "--host-name", "h", logdir, url)
+        result = pg_once(pg, logdir, "-v", host="h", url=url)
         assert result.returncode == status, result.stderr
         assert PG_PASSWORD.encode() not in result.stderr
-        stats = subprocess.run([sys.executable, TOOL, "--stats", "--host-name", "h", url],
+        stats = subprocess.run([*pg.command, "--stats", "--host-name", "h", url],
                                capture_output=True, timeout=60)
         assert PG_PASSWORD.encode() not in stats.stdout + stats.stderr
-    assert b"password authentication failed" in run_once(logdir, wrong).stderr
+    assert b"password authentication failed" in pg_once(pg, logdir, url=wrong).stderr
 
 
+@pytest.mark.parametrize("pg", PG_DRIVERS, indirect=True)
 def test_pg_permanent_faults_exit_1_with_one_line(pg, pg_server, logdir):
     missing = pg_server.url("no_such_database")
-    result = run_once(logdir, missing)
+    result = pg_once(pg, logdir, url=missing)
     assert result.returncode == 1
     assert result.stderr.decode().count("\n") == 1 and b"does not exist" in result.stderr
     pg.query("CREATE TABLE files (x int)")
@@ -4244,7 +4443,7 @@ def test_pg_stats_shows_this_hosts_lag_and_every_host(pg, logdir, tmp_path):
     assert pg_once(pg, logdir, host="web-1").returncode == 0
     assert pg_once(pg, logdir, host="web-2").returncode == 0
     append(logdir / "app.log", b"c\n")
-    result = subprocess.run([sys.executable, TOOL, "--stats", "--max-lag", "1", "--host-name",
+    result = subprocess.run([*pg.command, "--stats", "--max-lag", "1", "--host-name",
                              "web-1", pg.url], capture_output=True, timeout=60)
     out = result.stdout.decode()
     assert result.returncode == 3, result.stderr
@@ -4266,3 +4465,148 @@ def test_pg_url_password_is_scrubbed():
         ("postgresql://u@db:5432/logs?sslmode=require", "p%40ss")
     assert lt.pg_url_parts("postgres:///logs?host=/run/pg&password=x&user=u") == \
         ("postgres:///logs?host=/run/pg&user=u", "x")
+
+
+@pytest.mark.parametrize("pg", ["pg8000"], indirect=True)
+def test_pg_pg8000_takes_urls_password_files_and_the_environment_as_libpq_does(pg, logdir,
+                                                                              tmp_path):
+    import urllib.parse
+    socket_dir = str(pg.server.socket_dir)
+    proxy = SilentProxy(socket_dir)     # a TCP port, forwarding
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"# host:port:database:user:password\n"
+                        f"127.0.0.1:{proxy.port}:{pg.name}:pwuser:{PG_PASSWORD}\n")
+    passfile.chmod(0o600)
+    on_socket = f"postgresql://postgres@{urllib.parse.quote(socket_dir, safe='')}/{pg.name}"
+    over_tcp = f"postgresql://pwuser:{PG_PASSWORD}@127.0.0.1:{proxy.port}/{pg.name}"
+    from_file = f"postgresql://pwuser@127.0.0.1:{proxy.port}/{pg.name}"
+    cases = [(on_socket, {}), (over_tcp, {}), (from_file, {"PGPASSFILE": passfile}),
+             ("postgresql://", {"PGHOST": socket_dir, "PGUSER": "postgres",
+                                "PGDATABASE": pg.name})]
+    try:
+        for n, (url, env) in enumerate(cases):
+            append(logdir / "app.log", b"line %d\n" % n)
+            command = ["env", *(f"{key}={value}" for key, value in env.items()), *pg.command]
+            result = run_once(logdir, url, command=command)
+            assert result.returncode == 0, (url, result.stderr)
+            assert pg.through.encode() in result.stderr
+        passfile.chmod(0o644)     # libpq ignores a password file others may read; so do we
+        result = run_once(logdir, from_file, command=["env", f"PGPASSFILE={passfile}",
+                                                      *pg.command])
+        assert result.returncode == 1
+        assert b"group or world access" in result.stderr and b"password" in result.stderr
+    finally:
+        proxy.close()
+    assert pg.raws() == [b"line %d" % n for n in range(len(cases))]
+    result = run_once(logdir, pg.url + "&target_session_attrs=any", command=pg.command)
+    lines = result.stderr.decode().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "target_session_attrs=" in lines[0]
+
+
+@pytest.mark.parametrize("url,env,expected", [
+    ("postgresql://u:p%40ss@db.example.com:6432/logs?sslmode=require", {},
+     {"user": "u", "password": "p@ss", "host": "db.example.com", "port": "6432",
+      "dbname": "logs", "sslmode": "require"}),
+    ("postgres:///logs?host=/run/pg&user=u", {},
+     {"host": "/run/pg", "port": "5432", "dbname": "logs", "user": "u"}),
+    ("postgresql://u@%2Frun%2FPG/logs", {},
+     {"host": "/run/PG", "port": "5432", "dbname": "logs", "user": "u"}),
+    ("postgresql://u@[::1]:5433/logs", {}, {"host": "::1", "port": "5433", "dbname": "logs",
+                                            "user": "u"}),
+    ("postgresql://u@db/logs?port=7000&dbname=other", {},
+     {"host": "db", "port": "7000", "dbname": "other", "user": "u"}),
+    ("postgresql://", {"PGHOST": "/sock", "PGUSER": "e", "PGDATABASE": "d", "PGPASSWORD": "pw",
+                       "PGCONNECT_TIMEOUT": "9"},
+     {"host": "/sock", "port": "5432", "dbname": "d", "user": "e", "password": "pw",
+      "connect_timeout": "9"}),
+    ("postgresql://u@db/logs", {"PGUSER": "e", "PGDATABASE": "d", "PGPORT": "1"},
+     {"host": "db", "port": "1", "dbname": "logs", "user": "u"}),
+])
+def test_pg_libpq_params(monkeypatch, url, env, expected):
+    for variable in lt.PG_ENVIRONMENT.values():
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
+    assert lt.libpq_params(url) == expected
+
+
+def test_pg_libpq_params_default_to_the_os_user_and_a_local_socket(monkeypatch):
+    import pwd
+    for variable in lt.PG_ENVIRONMENT.values():
+        monkeypatch.delenv(variable, raising=False)
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    params = lt.libpq_params("postgresql://")
+    assert params["user"] == user and params["dbname"] == user and params["port"] == "5432"
+    assert params["host"] in lt.PG_SOCKET_DIRS
+
+
+def test_pg_pgpass_password_matches_as_libpq_does(tmp_path, caplog):
+    passfile = tmp_path / "pgpass"
+    passfile.write_text("# a comment\n"
+                        "db.example.com:5432:logs:u:first\n"
+                        "db.example.com:*:*:u:second\n"
+                        "local\\:host:*:*:*:escaped\n"
+                        "localhost:5432:*:v:on the default socket\n"
+                        "*:*:*:w:with:colons\\:and \\\\\n")
+    passfile.chmod(0o600)
+
+    def password(host, user, port="5432", dbname="logs"):
+        return lt.pgpass_password({"passfile": str(passfile), "host": host, "port": port,
+                                   "dbname": dbname, "user": user})
+
+    assert password("db.example.com", "u") == "first"
+    assert password("db.example.com", "u", port="6432", dbname="x") == "second"
+    assert password("local:host", "u") == "escaped"
+    assert password(lt.PG_SOCKET_DIRS[0], "v") == "on the default socket"
+    assert password("/elsewhere", "v") is None
+    assert password("anywhere", "w") == "with:colons:and \\"
+    passfile.chmod(0o640)
+    assert password("db.example.com", "u") is None
+    assert "group or world access" in caplog.text
+
+
+def test_pg_copy_data_escapes_what_copy_reads_specially():
+    null = lt.PG_NULL
+    assert lt.copy_data([(1, 2, 3, "tab\there\\back\nnew\rcr")]) == (
+        b"1\t2\t3\ttab\\there\\\\back\\nnew\\rcr\n")
+    assert lt.copy_data([(1, 2, 4, null, "h", "p", 7, null, null, "caf\u00e9", "\\x00ff", null,
+                          1, null)]) == (
+        b"1\t2\t4\t\\N\th\tp\t7\t\\N\t\\N\tcaf\xc3\xa9\t\\\\x00ff\t\\N\t1\t\\N\n")
+    assert lt.copy_data([(1, null, "x"), (2, "y", null)]) == b"1\t\\N\tx\n2\ty\t\\N\n"
+
+
+def test_pg_watch_cuts_a_call_still_waiting_a_grace_after_a_stop():
+    """A stop during a call, and one between calls: the call that waits is cut
+    PG_STOP_GRACE_S after it; the stop reaches the process's own handler after the call."""
+    import socket
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    ours, theirs = socket.socketpair()  # theirs never writes: a server that went silent
+    watch = lt.PgWatch("test")
+    try:
+        watch.chain_handlers()
+        watch.follow(ours.fileno())
+        def stop():     # from a thread that takes no SIGTERM itself, as the tailer has none
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Timer(0.2, stop).start()
+        started = time.monotonic()
+        with watch.call():
+            assert ours.recv(1) == b""  # the call, waiting: cut
+            assert seen == []           # blocked meanwhile
+        elapsed = time.monotonic() - started
+        assert seen == [signal.SIGTERM]
+        assert 0.2 + lt.PG_STOP_GRACE_S <= elapsed < 0.2 + lt.PG_STOP_GRACE_S + 0.5
+        watch.deadline = None
+        ours, theirs = socket.socketpair()
+        watch.follow(ours.fileno())
+        os.kill(os.getpid(), signal.SIGTERM)    # between calls: the chained handler sees it
+        assert seen == [signal.SIGTERM] * 2
+        started = time.monotonic()
+        with watch.call():
+            assert ours.recv(1) == b""
+        assert time.monotonic() - started < lt.PG_STOP_GRACE_S + 0.5
+    finally:
+        watch.close()
+        signal.signal(signal.SIGTERM, previous)

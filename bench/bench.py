@@ -37,7 +37,14 @@ status is 0. MB are 10^6 bytes. The measurements (NAME for --only):
   pg         `--once` of the syslog catch-up corpus into a PostgreSQL server the bench starts
              itself (initdb into the work directory, unix socket, fsync off; as an unprivileged
              user when run as root), beside the SQLite catch-up of the same corpus; the floor
-             is psql's \copy of the same lines into a one-column table.
+             is psql's \copy of the same lines into a one-column table. Then the fleet soak:
+             20 daemons (host names fleet-00..19, a directory each) into one database, each
+             file fed 200 lines/s for 60 s (10 s with --quick) through a file kept open: rows
+             expected, stored, doubled and missing, and each line's lag from its write to the
+             commit of its file's offset (offsets polled every 50 ms). The tool runs with this
+             interpreter if it has a driver (psycopg, psycopg2, pg8000), else with the
+             repository's .venv/bin/python (README's test command makes it); with neither the
+             rows say so.
 
 --quick is a smaller run (100k lines, 5 stop trials, 2 s latency runs, 5 lone lines per
 format, 3 s idle, 20 MB line, 1,000 files).
@@ -69,6 +76,7 @@ import time
 import urllib.parse
 
 TOOL = pathlib.Path(__file__).resolve().parent.parent / "logtail2db.py"   # --tool's default
+REPO_VENV_PYTHON = TOOL.parent / ".venv" / "bin" / "python"  # pg's interpreter, if this lacks a driver
 MEASUREMENTS = ("catchup", "stop", "latency", "lone", "idle", "longline", "manyfiles", "pg")
 FULL = {"lines": 1_000_000, "latency_s": 10.0, "idle_s": 10.0, "line_mb": 200, "files": 10_000,
         "stop_trials": 20, "lone_lines": 20}
@@ -100,6 +108,14 @@ STOP_LINES = 1_000_000
 STOP_AFTER_MIN_S, STOP_AFTER_MAX_S = 0.3, 3.0  # SIGTERM this long (uniform) after the first rows
 STOP_LIMIT_S = 30.0             # a daemon not gone this long after SIGTERM is killed, and reported
 MB = 1e6
+PG_DRIVER_MODULES = ("psycopg", "psycopg2", "pg8000")
+FLEET_TAILERS, FLEET_LINES_PER_S = 20, 200     # the fleet soak: so many hosts, each fed so fast
+FLEET_S, FLEET_QUICK_S = 60.0, 10.0     # for so long
+FLEET_WRITE_EVERY_S = 0.05      # each file gets a write this often...
+FLEET_PER_WRITE = round(FLEET_LINES_PER_S * FLEET_WRITE_EVERY_S)    # ...of so many lines
+FLEET_POLL_S = 0.05             # how often the files' offsets are read, for the lag
+FLEET_SETTLE_S = 30.0           # after the writer stops, the last rows get this long to come
+PSQL_END = "--end of result--"  # what Psql echoes after each query's rows
 
 MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
 HOSTS = ("web-01", "web-02", "web-03", "db-01", "cache-01", "mail-01", "lb-01", "worker-07")
@@ -574,20 +590,39 @@ def pg_server(work: pathlib.Path):
         run(bin_dir / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
 
 
-def measure_pg(work: pathlib.Path, tool: pathlib.Path, lines: int) -> list:
+def pg_python() -> str:
+    """An interpreter with a PostgreSQL driver for the tool: this one, else the repository's
+    .venv (made by README's test command); BenchError saying how to have one."""
+    probe = ("import importlib.util, sys; sys.exit(not any(importlib.util.find_spec(name) "
+             f"for name in {PG_DRIVER_MODULES!r}))")
+    for python in (sys.executable, str(REPO_VENV_PYTHON)):
+        if os.path.exists(python) and subprocess.run([python, "-c", probe]).returncode == 0:
+            return python
+    raise BenchError(f"neither {sys.executable} nor {REPO_VENV_PYTHON} has a PostgreSQL driver "
+                     "(psycopg, psycopg2 or pg8000): make the .venv with README's test command, "
+                     'or pip install "psycopg[binary]"')
+
+
+def pg_once(python: str, tool: pathlib.Path, directory: pathlib.Path, target, *args) -> Run:
+    return run_measured([python, str(tool), "--once", *map(str, args), str(directory),
+                         str(target)])
+
+
+def measure_pg(work: pathlib.Path, tool: pathlib.Path, lines: int, fleet_s: float) -> list:
+    python = pg_python()
     syslog_dir = work / "pg-syslog"
     progress(f"pg: writing {lines:,} syslog lines")
     make_catchup_corpus(syslog_dir, work / "pg-json", lines)
     size = dir_bytes(syslog_dir)
     rows = []
-    progress("pg: SQLite catch-up of the same corpus")
+    progress(f"pg: SQLite catch-up of the same corpus ({python})")
     db = work / "pg-sqlite.db"
-    sqlite_run = time_once(tool, syslog_dir, db, "--format", "syslog")
+    sqlite_run = pg_once(python, tool, syslog_dir, db, "--format", "syslog")
     rows.append(Row("SQLite catch-up, syslog (parsed)", lines / sqlite_run.seconds, "lines/s",
                     rate_note(sqlite_run, lines, size) + rows_note(count_rows(db), lines)))
     with pg_server(work) as (bin_dir, url):
         psql = [str(bin_dir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1"]
-        for name in ("floor", "catchup"):
+        for name in ("floor", "catchup", "fleet"):
             subprocess.run([*psql, url("postgres"), "-c", f"CREATE DATABASE {name}"], check=True,
                            capture_output=True)
         progress("pg: floor, psql \\copy of the same lines")
@@ -603,21 +638,151 @@ def measure_pg(work: pathlib.Path, tool: pathlib.Path, lines: int) -> list:
                         rate_note(floor, lines, size)))
         progress("pg: catch-up into PostgreSQL")
         try:
-            pg_run = time_once(tool, syslog_dir, url("catchup"), "--format", "syslog",
-                               "--host-name", "bench")
+            pg_run = pg_once(python, tool, syslog_dir, url("catchup"), "--format", "syslog",
+                             "--host-name", "bench")
         except BenchError as exc:
-            return rows + [Row("PostgreSQL catch-up, syslog (parsed)", "FAILED", "", str(exc))]
-        stored = subprocess.run([*psql, "-At", url("catchup"), "-c",
-                                 "SELECT count(*) FROM entries"], capture_output=True)
-        found = int(stored.stdout or 0)
-        rows.append(Row("PostgreSQL catch-up, syslog (parsed)", lines / pg_run.seconds,
-                        "lines/s", f"{rate_note(pg_run, lines, size)}, peak RSS "
-                        f"{pg_run.rss_mb:.0f} MB" + rows_note(found, lines)))
-    rows += ratio_row("PostgreSQL / SQLite catch-up", pg_run, sqlite_run, lines,
-                      "the SQLite catch-up of the same corpus", at_least(0.5))
-    rows += ratio_row("PostgreSQL / \\copy", pg_run, floor, lines,
-                      "floor, psql \\copy of the same lines")
+            pg_run = None
+            rows.append(Row("PostgreSQL catch-up, syslog (parsed)", "FAILED", "", str(exc)))
+        else:
+            stored = subprocess.run([*psql, "-At", url("catchup"), "-c",
+                                     "SELECT count(*) FROM entries"], capture_output=True)
+            found = int(stored.stdout or 0)
+            rows.append(Row("PostgreSQL catch-up, syslog (parsed)", lines / pg_run.seconds,
+                            "lines/s", f"{rate_note(pg_run, lines, size)}, peak RSS "
+                            f"{pg_run.rss_mb:.0f} MB" + rows_note(found, lines)))
+        rows += ratio_row("PostgreSQL / SQLite catch-up", pg_run, sqlite_run, lines,
+                          "the SQLite catch-up of the same corpus", at_least(0.5))
+        rows += ratio_row("PostgreSQL / \\copy", pg_run, floor, lines,
+                          "floor, psql \\copy of the same lines")
+        try:
+            rows += measure_fleet(work, python, tool, url("fleet"), [*psql, url("fleet")],
+                                  fleet_s)
+        except BenchError as exc:
+            rows.append(Row("PostgreSQL fleet", "FAILED", "", str(exc)))
     return rows
+
+
+def fleet_line(host: int, seq: int) -> bytes:
+    """Line SEQ of host HOST's file; all are as long: an offset says how many lines."""
+    return (f"Nov 24 13:59:19 fleet-{host:02d} app[4242]: seq={seq:08d} GET /api/v1/orders 200 "
+            "user=alice took 12ms\n").encode()
+
+
+def write_fleet(paths: list, duration_s: float, written: list) -> None:
+    """Append FLEET_LINES_PER_S lines a second to each of PATHS for DURATION_S, a write every
+    FLEET_WRITE_EVERY_S to each, through files kept open as a logger keeps them;
+    written[i][k] = when write k to file i began (its lines: k * FLEET_PER_WRITE on)."""
+    files = [open(path, "ab", buffering=0) for path in paths]
+    try:
+        start = time.monotonic()
+        for k in range(round(duration_s / FLEET_WRITE_EVERY_S)):
+            delay = start + k * FLEET_WRITE_EVERY_S - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            for host, file in enumerate(files):
+                written[host].append(time.monotonic())     # before: the tailer may be quick
+                file.write(b"".join(fleet_line(host, seq) for seq in
+                                    range(k * FLEET_PER_WRITE, (k + 1) * FLEET_PER_WRITE)))
+    finally:
+        for file in files:
+            file.close()
+
+
+class Psql:
+    """One psql session kept open, queried again and again: rows of '|'-separated fields."""
+
+    def __init__(self, psql: list):
+        self.proc = subprocess.Popen([*psql, "-At"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def query(self, sql: str) -> list:
+        self.proc.stdin.write(f"{sql};\n\\echo {PSQL_END}\n")
+        rows = []
+        for line in self.proc.stdout:
+            if line.rstrip("\n") == PSQL_END:
+                return rows
+            rows.append(line.rstrip("\n").split("|"))
+        raise BenchError(f"psql ended: exit {self.proc.wait()}")
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=10)
+
+
+def measure_fleet(work: pathlib.Path, python: str, tool: pathlib.Path, url: str, psql: list,
+                  duration_s: float) -> list:
+    """FLEET_TAILERS tailers, one per host name and directory, into one server, each file fed
+    FLEET_LINES_PER_S lines a second: every row once, and each line's lag from its write to
+    the commit of its file's offset (the files' offsets polled every FLEET_POLL_S)."""
+    dirs = [work / f"fleet-{host:02d}" for host in range(FLEET_TAILERS)]
+    line_bytes = len(fleet_line(0, 0))
+    procs = []
+    for host, directory in enumerate(dirs):
+        directory.mkdir()
+        (directory / "app.log").touch()
+        with open(work / f"fleet-{host:02d}.stderr", "wb") as err:
+            procs.append(subprocess.Popen(
+                [python, str(tool), "--host-name", f"fleet-{host:02d}", str(directory), url],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err))
+    session = Psql(psql)
+    written = [[] for _ in dirs]
+    writer = threading.Thread(target=write_fleet, args=([d / "app.log" for d in dirs],
+                                                        duration_s, written))
+    try:
+        for host, proc in enumerate(procs):
+            wait_watching(proc, work / f"fleet-{host:02d}.stderr")
+        cpu_before = sum(cpu_seconds(proc.pid) for proc in procs)
+        progress(f"pg: fleet, {FLEET_TAILERS} tailers x {FLEET_LINES_PER_S} lines/s for "
+                 f"{duration_s:g} s")
+        writer.start()
+        lines_each = round(duration_s / FLEET_WRITE_EVERY_S) * FLEET_PER_WRITE
+        seen, lags, give_up_at = [0] * len(dirs), [], None
+        while sum(seen) < lines_each * len(dirs):
+            now = time.monotonic()
+            for name, offset in session.query('SELECT h.name, f."offset" FROM files AS f'
+                                              " JOIN hosts AS h ON h.id = f.host_id"):
+                host = int(name.rpartition("-")[2])
+                stored = int(offset) // line_bytes
+                lags += [now - written[host][n // FLEET_PER_WRITE]
+                         for n in range(seen[host], stored)]
+                seen[host] = max(seen[host], stored)
+            if give_up_at is None and not writer.is_alive():
+                give_up_at = now + FLEET_SETTLE_S
+            elif give_up_at is not None and now > give_up_at:
+                break
+            time.sleep(FLEET_POLL_S)
+        cpu = sum(cpu_seconds(proc.pid) for proc in procs) - cpu_before
+    finally:
+        writer.join()
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    exits = sorted({proc.returncode for proc in procs})
+    (stored, distinct), = session.query("SELECT count(*), count(DISTINCT (host_id, raw))"
+                                        " FROM entries")
+    session.close()
+    stored, distinct = int(stored), int(distinct)
+    expected = lines_each * len(dirs)
+    doubled, missing = stored - distinct, expected - distinct
+    lags.sort()
+    if not lags:
+        raise BenchError("fleet: no line was stored")
+    title = f"PostgreSQL fleet, {FLEET_TAILERS} tailers x {FLEET_LINES_PER_S} lines/s"
+    return [Row(f"{title}: rows not stored once", doubled + missing, "rows",
+                f"{duration_s:g} s: expected {expected:,}, stored {stored:,}, doubled "
+                f"{doubled:,}, missing {missing:,}; exit status {exits}", at_most(0)),
+            Row(f"{title}: lag p50", percentile(lags, 50) * 1000, "ms",
+                f"write to its file's offset committed, polled every {FLEET_POLL_S * 1000:g} "
+                "ms; files kept open: a write's last entry waits for the next write"),
+            Row(f"{title}: lag p99", percentile(lags, 99) * 1000, "ms",
+                f"{len(lags):,} lines seen of {expected:,}"),
+            Row(f"{title}: lag max", lags[-1] * 1000, "ms",
+                f"the tailers' CPU: {cpu:.1f} s in all ({cpu / duration_s / FLEET_TAILERS:.1%} "
+                "of a core each)", below(2000))]
 
 
 def has_rows(proc: subprocess.Popen, db: pathlib.Path) -> bool:
@@ -1137,7 +1302,7 @@ def main(argv=None) -> int:
         "idle": lambda: measure_idle(work, tool, scale["idle_s"]),
         "longline": lambda: measure_long_line(work, tool, scale["line_mb"]),
         "manyfiles": lambda: measure_many_files(work, tool, scale["files"]),
-        "pg": lambda: measure_pg(work, tool, lines),
+        "pg": lambda: measure_pg(work, tool, lines, FLEET_QUICK_S if args.quick else FLEET_S),
     }
     rows = []
     try:
