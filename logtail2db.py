@@ -2938,6 +2938,9 @@ class PgDriver:
         """COPY ... FROM STDIN of data, rows in COPY's text format (copy_data())."""
         raise NotImplementedError
 
+    def close(self, conn) -> None:
+        conn.close()
+
     def sqlstate(self, exc) -> str | None:
         raise NotImplementedError
 
@@ -3028,11 +3031,12 @@ class Pg8000(PgDriver):
                                              f"{params['port']}: {exc}") from None
         try:
             options = params.get("options")
-            conn = self.module.Connection(
-                params["user"], database=params["dbname"], password=password, sock=sock,
-                ssl_context=False, application_name=params.get("application_name")
-                or params.get("fallback_application_name"),
-                startup_params={"options": options} if options else None)
+            with self.network():
+                conn = self.module.Connection(
+                    params["user"], database=params["dbname"], password=password, sock=sock,
+                    ssl_context=False, application_name=params.get("application_name")
+                    or params.get("fallback_application_name"),
+                    startup_params={"options": options} if options else None)
         except BaseException:
             sock.close()
             raise
@@ -3110,8 +3114,30 @@ class Pg8000(PgDriver):
             context.load_cert_chain(params["sslcert"], params.get("sslkey"))
         return context.wrap_socket(sock, server_hostname=params.get("host"))
 
+    @contextlib.contextmanager
+    def network(self):
+        """pg8000's own error for a socket's: it lets some through (the first read of a
+        message, "Connection reset by peer" when the server ends a session)."""
+        try:
+            yield
+        except OSError as exc:
+            raise self.module.InterfaceError("network error") from exc
+
+    def execute(self, conn, sql: str, params=None):
+        with self.network():
+            return super().execute(conn, sql, params)
+
+    def executemany(self, conn, sql: str, rows: list) -> None:
+        with self.network():
+            super().executemany(conn, sql, rows)
+
     def copy(self, conn, sql: str, data: bytes) -> None:
-        conn.cursor().execute(sql, stream=[data])
+        with self.network():
+            conn.cursor().execute(sql, stream=[data])
+
+    def close(self, conn) -> None:
+        with self.network():
+            conn.close()
 
     def sqlstate(self, exc) -> str | None:
         if isinstance(exc, self.module.DatabaseError) and exc.args \
@@ -3748,7 +3774,7 @@ class PgStore(Store):
             conn, self.conn, self.in_tx = self.conn, None, False
             try:
                 with self.call():
-                    conn.close()
+                    self.pg.close(conn)
             except self.pg.errors as exc:
                 log.debug("closing the connection: %s", exc)
         if self.watch is not None:

@@ -4575,6 +4575,32 @@ def test_pg_copy_data_escapes_what_copy_reads_specially():
     assert lt.copy_data([(1, null, "x"), (2, "y", null)]) == b"1\t\\N\tx\n2\ty\t\\N\n"
 
 
+def test_pg_pg8000_socket_errors_are_its_network_errors():
+    """pg8000 lets a socket error through when a message's first read fails (the server
+    ended the session): the driver adapter makes it pg8000's, a connection lost."""
+    import pg8000.dbapi
+    driver = lt.Pg8000(pg8000.dbapi)
+
+    class Cursor:
+        def execute(self, *args, **kwargs):
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+    class Connection:
+        def cursor(self):
+            return Cursor()
+
+        def close(self):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    for call in (lambda: driver.execute(Connection(), "SELECT 1"),
+                 lambda: driver.copy(Connection(), "COPY t FROM STDIN", [(1,)]),
+                 lambda: driver.close(Connection())):
+        with pytest.raises(pg8000.dbapi.InterfaceError) as caught:
+            call()
+        assert driver.connection_fault(caught.value) and driver.broken(None, caught.value)
+        assert driver.message(caught.value).startswith("network error: [Errno ")
+
+
 def test_pg_watch_cuts_a_call_still_waiting_a_grace_after_a_stop():
     """A stop during a call, and one between calls: the call that waits is cut
     PG_STOP_GRACE_S after it; the stop reaches the process's own handler after the call."""
