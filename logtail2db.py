@@ -3332,6 +3332,7 @@ def readable_text(text) -> str:
 # holds (readable_text()), and bytea in its hex form; a run whose values hold no character
 # COPY escapes (most runs) is joined and sent as it is.
 PG_NULL = "\x00"
+COPY_ROWS = 2000    # rows a COPY text is made of at most: the text is made in a few copies
 COPY_ESCAPES = (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))
 
 
@@ -3371,8 +3372,12 @@ class PgRows:
     def batch(rows: list) -> tuple:
         """(count, [(shape, COPY text of a run of rows of that shape), ...]): made in the
         parse worker, so that the inserting process only sends them."""
-        return len(rows), [(size, copy_data(list(shaped)))
-                           for size, shaped in itertools.groupby(rows, len)]
+        runs = []
+        for size, shaped in itertools.groupby(rows, len):
+            shaped = list(shaped)
+            runs.extend((size, copy_data(shaped[at:at + COPY_ROWS]))
+                        for at in range(0, len(shaped), COPY_ROWS))
+        return len(rows), runs
 
     def syslog_lines(self, file_id: int, offsets, lines: list, found: list,
                      minutes: dict) -> list:
