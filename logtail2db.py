@@ -1926,74 +1926,6 @@ class EntryBuilder:
 
 # Stores #######################################################################
 
-SCHEMA = r"""-- logtail2db schema, version 4 (kept in PRAGMA user_version).
--- Applied when the database is new; logtail2db.py carries the same text.
-
--- One row per file identity: (dev, ino) guarded by the file's first bytes.
-CREATE TABLE files (
-    id          INTEGER PRIMARY KEY,
-    path        TEXT NOT NULL,      -- absolute path it was last seen under; bytes that are
-                                    -- not UTF-8 appear as \xNN (see path_bytes)
-    path_bytes  BLOB,               -- the exact path when it is not valid UTF-8, else NULL
-    dev         INTEGER,
-    ino         INTEGER,
-    offset      INTEGER NOT NULL,   -- every byte before it is stored in entries
-    fingerprint BLOB NOT NULL,      -- the file's first bytes (up to 1024) as stored
-    resume_hash BLOB,               -- hash of the bytes just before offset, checked on resume
-    part        INTEGER,            -- offset is inside an over-long line: its next piece
-    format      TEXT,               -- how its lines are parsed (plain, syslog, json, ...)
-    first_seen  TEXT NOT NULL,      -- UTC, 'YYYY-MM-DD HH:MM:SS'
-    updated     TEXT NOT NULL,      -- when offset last moved
-    gone        TEXT                -- when it was found deleted or moved away; never resumed
-);
-CREATE INDEX files_identity ON files(ino, dev);
-
--- One row per log entry: a line, or a multi-line entry such as a stack trace.
-CREATE TABLE entries (
-    id       INTEGER PRIMARY KEY,
-    file_id  INTEGER NOT NULL REFERENCES files(id),
-    offset   INTEGER NOT NULL,      -- byte offset of the entry's first byte in its file
-    ts       TEXT,                  -- UTC 'YYYY-MM-DD HH:MM:SS[.ffffff]', NULL when unknown
-    host     TEXT,
-    program  TEXT,
-    pid      INTEGER,
-    level    TEXT,                  -- trace debug info notice warning error critical alert emergency
-    fields   TEXT,                  -- other parsed fields, a JSON object
-    raw      NOT NULL,              -- the entry without its final '\n' or '\r\n': TEXT, or a BLOB
-                                    -- when it is not valid UTF-8; CAST(raw AS BLOB) = its bytes
-    msg      TEXT,                  -- the message when it is not found in raw (else NULL)
-    msg_at   INTEGER NOT NULL DEFAULT 1,   -- where the message starts in raw (1-based): it is
-                                    -- raw from there on; when negative, from -msg_at up to the
-                                    -- next '"' (a quoted JSON or logfmt value)
-    part     INTEGER,               -- 1, 2, ... for pieces of an entry over --max-entry-bytes
-    message  TEXT NOT NULL GENERATED ALWAYS AS (CASE WHEN msg IS NOT NULL THEN msg
-        WHEN msg_at = 1 THEN raw WHEN msg_at > 0 THEN substr(raw, msg_at)
-        ELSE substr(raw, -msg_at, instr(substr(raw, -msg_at), '"') - 1) END) VIRTUAL
-);
-
--- Who is writing: the pid of the running tailer, for the refusal message.
-CREATE TABLE meta (
-    key   TEXT PRIMARY KEY,
-    value
-);
-
--- When entries were stored, a row a minute at most: entries with id >= first_id were
--- stored at `at` or later. --keep ages entries that have no time of their own by it.
-CREATE TABLE ingested (
-    at       TEXT PRIMARY KEY,      -- UTC, 'YYYY-MM-DD HH:MM:SS'
-    first_id INTEGER NOT NULL
-);
-
--- Entries with their file's path, so that the first query is one line:
---   SELECT ts, level, path, message FROM logs WHERE level = 'error' ORDER BY ts DESC LIMIT 20
-CREATE VIEW logs AS
-SELECT e.id, e.ts, e.level, f.path, e.host, e.program, e.pid, e.message, e.fields, e.raw,
-       e.file_id, e.offset, e.part
-FROM entries AS e JOIN files AS f ON f.id = e.file_id;
-
-PRAGMA user_version = 4;
-"""
-
 # The entries table of version 3, as migration 2 writes it.
 ENTRIES_V3 = r"""CREATE TABLE entries (
     id       INTEGER PRIMARY KEY,
@@ -2016,7 +1948,7 @@ ENTRIES_V3 = r"""CREATE TABLE entries (
         THEN substr(raw, msg_at)
         ELSE substr(raw, -msg_at, instr(substr(raw, -msg_at), '"') - 1) END)) VIRTUAL
 )"""
-# Version 4 (as SCHEMA has it): the same message, read without a copy when it is all of raw
+# Version 4, SCHEMA's: the same message, read without a copy when it is all of raw
 # (a virtual column is computed for every row inserted: plain lines' inserts took 0.67
 # against 0.49 us a row).
 ENTRIES_V4 = r"""CREATE TABLE entries (
@@ -2040,6 +1972,54 @@ ENTRIES_V4 = r"""CREATE TABLE entries (
         WHEN msg_at = 1 THEN raw WHEN msg_at > 0 THEN substr(raw, msg_at)
         ELSE substr(raw, -msg_at, instr(substr(raw, -msg_at), '"') - 1) END) VIRTUAL
 )"""
+
+SCHEMA = r"""-- logtail2db schema, version 4 (kept in PRAGMA user_version).
+-- Applied when the database is new; logtail2db.py carries the same text.
+
+-- One row per file identity: (dev, ino) guarded by the file's first bytes.
+CREATE TABLE files (
+    id          INTEGER PRIMARY KEY,
+    path        TEXT NOT NULL,      -- absolute path it was last seen under; bytes that are
+                                    -- not UTF-8 appear as \xNN (see path_bytes)
+    path_bytes  BLOB,               -- the exact path when it is not valid UTF-8, else NULL
+    dev         INTEGER,
+    ino         INTEGER,
+    offset      INTEGER NOT NULL,   -- every byte before it is stored in entries
+    fingerprint BLOB NOT NULL,      -- the file's first bytes (up to 1024) as stored
+    resume_hash BLOB,               -- hash of the bytes just before offset, checked on resume
+    part        INTEGER,            -- offset is inside an over-long line: its next piece
+    format      TEXT,               -- how its lines are parsed (plain, syslog, json, ...)
+    first_seen  TEXT NOT NULL,      -- UTC, 'YYYY-MM-DD HH:MM:SS'
+    updated     TEXT NOT NULL,      -- when offset last moved
+    gone        TEXT                -- when it was found deleted or moved away; never resumed
+);
+CREATE INDEX files_identity ON files(ino, dev);
+
+-- One row per log entry: a line, or a multi-line entry such as a stack trace.
+""" + ENTRIES_V4 + r""";
+
+-- Who is writing: the pid of the running tailer, for the refusal message.
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value
+);
+
+-- When entries were stored, a row a minute at most: entries with id >= first_id were
+-- stored at `at` or later. --keep ages entries that have no time of their own by it.
+CREATE TABLE ingested (
+    at       TEXT PRIMARY KEY,      -- UTC, 'YYYY-MM-DD HH:MM:SS'
+    first_id INTEGER NOT NULL
+);
+
+-- Entries with their file's path, so that the first query is one line:
+--   SELECT ts, level, path, message FROM logs WHERE level = 'error' ORDER BY ts DESC LIMIT 20
+CREATE VIEW logs AS
+SELECT e.id, e.ts, e.level, f.path, e.host, e.program, e.pid, e.message, e.fields, e.raw,
+       e.file_id, e.offset, e.part
+FROM entries AS e JOIN files AS f ON f.id = e.file_id;
+
+PRAGMA user_version = 4;
+"""
 
 # version -> the script that brings a database from it to version + 1, run in one
 # transaction; a test checks that migrating ends with the schema a new database gets.
