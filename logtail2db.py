@@ -1276,8 +1276,8 @@ def json_chunk(text: str, lines: list, stamps: Stamps) -> list | None:
         return None     # journal entries; a column's keys in fields, which a null may leave
     row_plans = list(map(plans.__getitem__, keys))
     columns = []
-    for at, convert in enumerate((json_time, json_level, None, text_or_none, text_or_none,
-                                  to_pid)):
+    for at, convert in enumerate((lambda value: json_time(value, stamps), json_level, None,
+                                  text_or_none, text_or_none, to_pid)):
         # A null is as no key: the plans have no other key of the column to look at.
         values = list(map(dict.get, objs, map(operator.itemgetter(at), row_plans)))
         if convert is None:     # the message: text, or the line when there is no key
@@ -1287,8 +1287,7 @@ def json_chunk(text: str, lines: list, stamps: Stamps) -> list | None:
                             for value, line in zip(values, lines)])
             continue
         try:
-            converted = {value: convert(value, stamps) if convert is json_time
-                         else convert(value) for value in set(values) if value is not None}
+            converted = {value: convert(value) for value in set(values) if value is not None}
         except TypeError:   # an unhashable value (a list, an object): no column takes it
             return None
         if None in converted.values():
@@ -2254,10 +2253,9 @@ class SqliteRows:
         levels = STATED_LEVELS
         return [(file_id, offset, minutes[minute] + seconds, host, program,
                  int(pid) if pid else -1, line, len(head) + 1)
-                if not (first and (levels.get(first) or levels.get(then))) else
+                if not (level := first and (levels.get(first) or levels.get(then))) else
                 (file_id, offset, minutes[minute] + seconds, host, program,
-                 int(pid) if pid else -1, levels.get(first) or levels.get(then), "", line,
-                 "", len(head) + 1, 0)
+                 int(pid) if pid else -1, level, "", line, "", len(head) + 1, 0)
                 for offset, line, (head, minute, seconds, host, program, pid, first, then)
                 in zip(offsets, lines, found)]
 
@@ -5174,7 +5172,7 @@ class Tailer:
                             t.state.format, t.state.part)
 
     def add_rows(self, t: Tracked, rows: list) -> None:
-        self.add_batch(t, self.store.rows.batch(rows) if rows else (0,))
+        self.add_batch(t, self.store.rows.batch(rows))
 
     def add_batch(self, t: Tracked, batch: tuple) -> None:
         if batch[0]:
