@@ -52,6 +52,7 @@ import contextlib
 import errno
 import fcntl
 import fnmatch
+import gc
 import hashlib
 import io
 import itertools
@@ -119,12 +120,13 @@ PROGRESS_EVERY_S = 0.25
 BULK_BYTES = 4 << 20            # a backlog this big is parsed by the worker, on the other core
 WORKER_BUFFER = 4 << 20         # socket buffer: the worker parses ahead while rows are inserted
 WORKER_FRAME = 2 << 20          # bytes first kept for a frame of rows from the worker (it grows)
+GC_THRESHOLDS = (100_000, 50, 100)  # of the cyclic collector: see run_tailer()
 DEFAULT_EXCLUDES = ("*.gz", "*.bz2", "*.xz", "*.zst", "*.zip", "*.lz4", "*.Z")
 DB_SUFFIXES = (b"", b"-wal", b"-shm", b"-journal")
 SQLITE_MAGIC = b"SQLite format 3\x00"
 FORMATS = ("auto", "syslog", "journald", "json", "docker", "cri", "logfmt", "clf", "app", "java",
            "plain")
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 MIN_SQLITE = (3, 31)            # generated columns (entries.message)
 WAL_LIMIT_BYTES = 16 << 20      # the -wal file is truncated to this once readers let it be
 PAGE_SIZE = 16384               # of a new database: rows of 100-300 B fill 16 KiB pages better
@@ -1257,11 +1259,12 @@ def parse_json(line: str, stamps: Stamps) -> Parsed | None:
 _SCAN_JSON = json.JSONDecoder().scan_once     # one value at an index: json.loads' own core
 
 
-def json_chunk(text: str, lines: list, stamps: Stamps) -> list | None:
+def json_chunk(text: str, lines: list, stamps: Stamps) -> tuple | None:
     """parse_json() of each line of a chunk (text, cut in lines) whose every line is an
-    object and whose values every column can use, as parse_json() reads them: column by
-    column, each distinct value converted once. None for any other chunk, which
-    parse_json() reads line by line (a test holds the two to each other)."""
+    object and whose values every column can use, as parse_json() reads them, column by
+    column, each distinct value converted once: the lists of the lines' ts, host, program,
+    pid, level, fields (None: no line has fields) and message. None for any other chunk,
+    which parse_json() reads line by line (a test holds the two to each other)."""
     if "\\u" in text and SURROGATE_ESCAPE_RE.search(text):
         return None
     try:
@@ -1274,17 +1277,26 @@ def json_chunk(text: str, lines: list, stamps: Stamps) -> list | None:
     plans = {key: JSON_PLANS.get(key) or json_plan(key) for key in set(keys)}
     if any(JOURNAL_TIME in key or plan[7] for key, plan in plans.items()):
         return None     # journal entries; a column's keys in fields, which a null may leave
-    row_plans = list(map(plans.__getitem__, keys))
+    if len(plans) == 1:     # one program's lines: a column's key is the same on every line
+        (plan,) = plans.values()
+        row_plans = itertools.repeat(plan)
+        column_values = lambda at: (list(map(operator.itemgetter(plan[at]), objs))
+                                    if plan[at] is not None else [None] * len(objs))
+    else:
+        row_plans = list(map(plans.__getitem__, keys))
+        column_values = lambda at: list(map(dict.get, objs,
+                                            map(operator.itemgetter(at), row_plans)))
     columns = []
     for at, convert in enumerate((lambda value: json_time(value, stamps), json_level, None,
                                   text_or_none, text_or_none, to_pid)):
         # A null is as no key: the plans have no other key of the column to look at.
-        values = list(map(dict.get, objs, map(operator.itemgetter(at), row_plans)))
+        values = column_values(at)
         if convert is None:     # the message: text, or the line when there is no key
             if not set(map(type, values)) <= {str, type(None)}:
                 return None
-            columns.append([line if value is None else value
-                            for value, line in zip(values, lines)])
+            if None in values:
+                values = [line if value is None else value for value, line in zip(values, lines)]
+            columns.append(values)
             continue
         try:
             converted = {value: convert(value) for value in set(values) if value is not None}
@@ -1294,13 +1306,12 @@ def json_chunk(text: str, lines: list, stamps: Stamps) -> list | None:
             return None     # a value the column cannot use: it goes to fields
         converted[None] = None
         columns.append(list(map(converted.__getitem__, values)))
+    fields = None
     if any(plan[6] for plan in plans.values()):
         fields = [{key: obj[key] for key in plan[6]} or None
                   for obj, plan in zip(objs, row_plans)]
-    else:
-        fields = itertools.repeat(None)
     ts, level, message, host, program, pid = columns
-    return list(zip(ts, host, program, pid, level, fields, message))
+    return ts, host, program, pid, level, fields, message
 
 
 def _parse_json(obj: dict, line: str, stamps: Stamps) -> Parsed:
@@ -1616,14 +1627,22 @@ def _joined(lines: list):
     return b"\n".join(line if type(line) is bytes else line.encode() for line in lines)
 
 
-def quoted_at(line: str, message: str) -> int:
-    """Where message is a quoted value in line ('"msg": "text"' of JSON, msg="text" of
-    logfmt), as the message column reads it: minus the 1-based position of its first
-    character, up to the next '"'; 0 when it is not there so."""
-    if '"' in message:
-        return 0
-    at = line.find(f'"{message}"')
-    return -(at + 2) if at >= 0 else 0
+def message_span(raw: str, message: str) -> tuple | None:
+    """Where the message column finds message in raw, (msg_at, msg_len): from msg_at
+    (1-based) to the end when msg_len is None, else msg_len characters of raw, or when
+    msg_len is negative -msg_len characters with their \\" read as " (a JSON or logfmt
+    value quoting quotes, and nothing else). None when it is not there so."""
+    if raw.endswith(message):
+        return len(raw) - len(message) + 1, None
+    at = raw.find(message)
+    if at >= 0:
+        return at + 1, len(message)
+    if '"' in message and "\\" not in message:
+        quoted = message.replace('"', '\\"')
+        at = raw.find(quoted)
+        if at >= 0:
+            return at + 1, -len(quoted)
+    return None
 
 
 class EntryBuilder:
@@ -1631,12 +1650,12 @@ class EntryBuilder:
 
     Entries go to rows, the store's encoder, which makes them rows of its own:
     rows.lines(file_id, offsets, lines) for lines that are text and their own message,
-    rows.entry(file_id, offset, parsed, raw, message, msg_at, part) for any other entry:
-    raw is its text (bytes when it is not UTF-8 without NUL, lines joined by "\\n"),
+    rows.entry(file_id, offset, parsed, raw, message, msg_at, msg_len, part) for any other
+    entry: raw is its text (bytes when it is not UTF-8 without NUL, lines joined by "\\n"),
     parsed the Parsed of its first line (None when it did not parse), message its text
-    when msg_at does not find it in raw (None when it does: raw from msg_at on, 1-based,
-    or when negative a quoted value, see quoted_at()), part the number of
-    a piece of an over-long line (None for a whole entry).
+    when it is not found in raw (None when it is, where msg_at and msg_len say: see
+    message_span()), part the number of a piece of an over-long line (None for a whole
+    entry).
     In a multi-line format the last entry is held back until the next entry begins
     or flush() is called, so that the offset committed (held_offset) never passes
     an entry that is not stored yet. In a format whose long lines come in pieces
@@ -1703,6 +1722,13 @@ class EntryBuilder:
             if found is not None and len(found[0]) == len(lines):
                 rows.extend(self._feed_syslog(lines, sizes, found, offset))
                 return rows
+        if fits and self.format == "json" and self.options.pattern is None:
+            columns = json_chunk(text, lines, self.stamps)
+            if columns is not None:
+                rows.extend(self.rows.json_lines(
+                    self.file_id, itertools.accumulate(sizes[:-1], initial=offset), lines,
+                    *columns))
+                return rows
         texts = lines if all_text else [_readable(line) for line in lines]
         if self.piece is not None:
             pieces = [self.piece(text, self.stamps) for text in texts]
@@ -1711,9 +1737,7 @@ class EntryBuilder:
                 rows.extend(self._feed_pieces(lines, sizes, pieces, heads, offset))
                 return rows
         elif self.parse is not None:
-            heads = (self.format == "json" and self.options.pattern is None and all_text
-                     and json_chunk(text, lines, self.stamps)
-                     or [self.parse(text, self.stamps) for text in texts])
+            heads = [self.parse(text, self.stamps) for text in texts]
         else:
             heads = [None] * len(lines)
         if fits and all(heads):
@@ -1860,13 +1884,10 @@ class EntryBuilder:
     def _one_line(self, offset, line, parsed):
         """_entry() of a one-line entry that parsed, made short for the usual case."""
         message = parsed[6]
-        if line.endswith(message):
-            return self.rows.entry(self.file_id, offset, parsed, line, None,
-                                   len(line) - len(message) + 1, None)
-        at = quoted_at(line, message)
-        if at:
-            return self.rows.entry(self.file_id, offset, parsed, line, None, at, None)
-        return self.rows.entry(self.file_id, offset, parsed, line, message, 1, None)
+        span = message_span(line, message)
+        if span is not None:
+            return self.rows.entry(self.file_id, offset, parsed, line, None, *span, None)
+        return self.rows.entry(self.file_id, offset, parsed, line, message, 1, None, None)
 
     def _entry(self, offset, parsed, lines):
         raw = lines[0] if len(lines) == 1 else _joined(lines)
@@ -1876,18 +1897,18 @@ class EntryBuilder:
                 return self._joined_pieces(offset, pieces, raw)
         if parsed is None:
             message = None if type(raw) is str else _readable(raw)
-            return self.rows.entry(self.file_id, offset, None, raw, message, 1, None)
+            return self.rows.entry(self.file_id, offset, None, raw, message, 1, None, None)
         first, message = lines[0], parsed[6]
-        if type(raw) is str and first.endswith(message):
-            # message is raw from msg_at on (1-based): not stored twice.
-            return self.rows.entry(self.file_id, offset, parsed, raw, None,
-                                   len(first) - len(message) + 1, None)
-        at = quoted_at(raw, message) if type(raw) is str and len(lines) == 1 else 0
-        if at:
-            return self.rows.entry(self.file_id, offset, parsed, raw, None, at, None)
+        if type(raw) is str:
+            # Found in raw, the message is not stored twice. Of several lines it is the
+            # first one's message and the lines after it: raw's tail, if any.
+            span = (message_span(raw, message) if len(lines) == 1 else
+                    (len(first) - len(message) + 1, None) if first.endswith(message) else None)
+            if span is not None:
+                return self.rows.entry(self.file_id, offset, parsed, raw, None, *span, None)
         if len(lines) > 1:
             message += "\n" + _readable(raw)[len(_readable(first)) + 1:]
-        return self.rows.entry(self.file_id, offset, parsed, raw, message, 1, None)
+        return self.rows.entry(self.file_id, offset, parsed, raw, message, 1, None, None)
 
     def _joined_pieces(self, offset, pieces, raw):
         """_entry() of a line that came in pieces: one entry of the pieces' texts joined."""
@@ -1897,8 +1918,8 @@ class EntryBuilder:
         message = parsed[6]
         if type(raw) is str and raw.endswith(message):
             return self.rows.entry(self.file_id, offset, parsed, raw, None,
-                                   len(raw) - len(message) + 1, None)
-        return self.rows.entry(self.file_id, offset, parsed, raw, message, 1, None)
+                                   len(raw) - len(message) + 1, None, None)
+        return self.rows.entry(self.file_id, offset, parsed, raw, message, 1, None, None)
 
     def _pieces(self, line, offset):
         data = line.encode() if type(line) is str else line
@@ -1920,7 +1941,7 @@ class EntryBuilder:
             data = data[:-1]
         raw = _raw(data)
         message = None if type(raw) is str else _readable(raw)
-        return self.rows.entry(self.file_id, offset, None, raw, message, 1, part)
+        return self.rows.entry(self.file_id, offset, None, raw, message, 1, None, part)
 
 
 # Stores #######################################################################
@@ -1947,9 +1968,9 @@ ENTRIES_V3 = r"""CREATE TABLE entries (
         THEN substr(raw, msg_at)
         ELSE substr(raw, -msg_at, instr(substr(raw, -msg_at), '"') - 1) END)) VIRTUAL
 )"""
-# Version 4, SCHEMA's: the same message, read without a copy when it is all of raw
-# (a virtual column is computed for every row inserted: plain lines' inserts took 0.67
-# against 0.49 us a row).
+# Version 4: the same message, read without a copy when it is all of raw (a virtual
+# column is computed for every row inserted: plain lines' inserts took 0.67 against 0.49 us
+# a row).
 ENTRIES_V4 = r"""CREATE TABLE entries (
     id       INTEGER PRIMARY KEY,
     file_id  INTEGER NOT NULL REFERENCES files(id),
@@ -1971,8 +1992,38 @@ ENTRIES_V4 = r"""CREATE TABLE entries (
         WHEN msg_at = 1 THEN raw WHEN msg_at > 0 THEN substr(raw, msg_at)
         ELSE substr(raw, -msg_at, instr(substr(raw, -msg_at), '"') - 1) END) VIRTUAL
 )"""
+# Version 5, SCHEMA's: a message found anywhere in raw is read by its length (msg_len), with
+# no search for its end: JSON lines' inserts took 2.2 against 1.65 us a row (measured), and
+# a quoted value with \" in it is read from raw too, no longer stored twice in msg. Rows
+# stored before keep their meaning (a negative msg_at). msg_len comes after part: it is the
+# last column stored, so that rows stored before read it as NULL.
+ENTRIES_V5 = r"""CREATE TABLE entries (
+    id       INTEGER PRIMARY KEY,
+    file_id  INTEGER NOT NULL REFERENCES files(id),
+    offset   INTEGER NOT NULL,      -- byte offset of the entry's first byte in its file
+    ts       TEXT,                  -- UTC 'YYYY-MM-DD HH:MM:SS[.ffffff]', NULL when unknown
+    host     TEXT,
+    program  TEXT,
+    pid      INTEGER,
+    level    TEXT,                  -- trace debug info notice warning error critical alert emergency
+    fields   TEXT,                  -- other parsed fields, a JSON object
+    raw      NOT NULL,              -- the entry without its final '\n' or '\r\n': TEXT, or a BLOB
+                                    -- when it is not valid UTF-8; CAST(raw AS BLOB) = its bytes
+    msg      TEXT,                  -- the message when it is not found in raw (else NULL)
+    msg_at   INTEGER NOT NULL DEFAULT 1,   -- where the message starts in raw (1-based); in rows
+                                    -- of older versions, when negative, from -msg_at up to
+                                    -- the next '"'
+    part     INTEGER,               -- 1, 2, ... for pieces of an entry over --max-entry-bytes
+    msg_len  INTEGER,               -- the message's length in raw from msg_at, NULL: to the end;
+                                    -- when negative, a quoted value whose \" are read as "
+    message  TEXT NOT NULL GENERATED ALWAYS AS (CASE WHEN msg IS NOT NULL THEN msg
+        WHEN msg_len >= 0 THEN substr(raw, msg_at, msg_len)
+        WHEN msg_len < 0 THEN replace(substr(raw, msg_at, -msg_len), '\"', '"')
+        WHEN msg_at = 1 THEN raw WHEN msg_at > 0 THEN substr(raw, msg_at)
+        ELSE substr(raw, -msg_at, instr(substr(raw, -msg_at), '"') - 1) END) VIRTUAL
+)"""
 
-SCHEMA = r"""-- logtail2db schema, version 4 (kept in PRAGMA user_version).
+SCHEMA = r"""-- logtail2db schema, version 5 (kept in PRAGMA user_version).
 -- Applied when the database is new; logtail2db.py carries the same text.
 
 -- One row per file identity: (dev, ino) guarded by the file's first bytes.
@@ -1995,7 +2046,7 @@ CREATE TABLE files (
 CREATE INDEX files_identity ON files(ino, dev);
 
 -- One row per log entry: a line, or a multi-line entry such as a stack trace.
-""" + ENTRIES_V4 + r""";
+""" + ENTRIES_V5 + r""";
 
 -- Who is writing: the pid of the running tailer, for the refusal message.
 CREATE TABLE meta (
@@ -2017,7 +2068,7 @@ SELECT e.id, e.ts, e.level, f.path, e.host, e.program, e.pid, e.message, e.field
        e.file_id, e.offset, e.part
 FROM entries AS e JOIN files AS f ON f.id = e.file_id;
 
-PRAGMA user_version = 4;
+PRAGMA user_version = 5;
 """
 
 # version -> the script that brings a database from it to version + 1, run in one
@@ -2058,25 +2109,43 @@ WHERE type = 'table' AND name = 'entries';
 PRAGMA writable_schema = RESET;
 PRAGMA user_version = 4;
 """ % ENTRIES_V4.replace("'", "''"),
+    # msg_len is a column stored after the others: rows stored before have it NULL, as
+    # ALTER TABLE ADD COLUMN would leave them, and message reads them as before.
+    4: """
+PRAGMA writable_schema = ON;
+UPDATE sqlite_master SET sql = '%s'
+WHERE type = 'table' AND name = 'entries';
+PRAGMA writable_schema = RESET;
+PRAGMA user_version = 5;
+""" % ENTRIES_V5.replace("'", "''"),
 }
 
-# Rows come in three shapes, told by their length. Absent values are "", -1 and 0, made NULL
-# here: CPython's sqlite3 binds None through an adapter lookup, which made inserts twice as
-# slow (4.1 against 2.1 us a row, measured), while str and int are bound directly.
-INSERT_ROW = {
-    3: "INSERT INTO entries (file_id, offset, raw) VALUES (?, ?, ?)",
-    8: "INSERT INTO entries (file_id, offset, ts, host, program, pid, raw, msg_at)"
-       " VALUES (?, ?, nullif(?, ''), nullif(?, ''), nullif(?, ''), nullif(?, -1), ?, ?)",
-    12: "INSERT INTO entries (file_id, offset, ts, host, program, pid, level, fields, raw, msg,"
-        " msg_at, part) VALUES (?, ?, nullif(?, ''), nullif(?, ''), nullif(?, ''),"
-        " nullif(?, -1), nullif(?, ''), nullif(?, ''), ?, nullif(?, ''), ?, nullif(?, 0))",
+# Rows come in four shapes, told by their length, each with the columns of the one before:
+# plain lines, syslog's, most JSON lines', every column. Absent values are None: bound as
+# NULL at once once an adapter is registered for it (see SqliteStore.open).
+ROW_COLUMNS = {
+    3: ("file_id", "offset", "raw"),
+    8: ("file_id", "offset", "ts", "host", "program", "pid", "raw", "msg_at"),
+    10: ("file_id", "offset", "ts", "host", "program", "pid", "level", "raw", "msg_at",
+         "msg_len"),
+    13: ("file_id", "offset", "ts", "host", "program", "pid", "level", "fields", "raw", "msg",
+         "msg_at", "msg_len", "part"),
 }
-WIDEST = 12
-WIDEN = {   # a row of each shape as one of the widest, its absent values as there
-    3: lambda row: (row[0], row[1], "", "", "", -1, "", "", row[2], "", 1, 0),
-    8: lambda row: (*row[:6], "", "", row[6], "", row[7], 0),
-    12: lambda row: row,
-}
+INSERT_ROW = {size: f"INSERT INTO entries ({', '.join(columns)})"
+                    f" VALUES ({', '.join('?' * size)})" for size, columns in ROW_COLUMNS.items()}
+
+
+def widener(narrow: int, wide: int):
+    """A row of the narrow shape as one of the wide shape: None where it has no value,
+    msg_at 1 (its default)."""
+    has = {column: at for at, column in enumerate(ROW_COLUMNS[narrow])}
+    pick = operator.itemgetter(*[has.get(column, narrow + (column == "msg_at"))
+                                 for column in ROW_COLUMNS[wide]])
+    return lambda row: pick(row + (None, 1))
+
+
+WIDEN = {(narrow, wide): widener(narrow, wide) for narrow in ROW_COLUMNS for wide in ROW_COLUMNS
+         if narrow < wide}
 # ROWS_PER_INSERT rows in one statement: a statement's cost is shared by as many rows.
 INSERT_ROWS = {size: sql.partition(" VALUES ")[0] + " VALUES "
                   + ", ".join([sql.partition(" VALUES ")[2]] * ROWS_PER_INSERT)
@@ -2209,6 +2278,18 @@ class Store:
         raise NotImplementedError
 
 
+def entries(rows, file_id: int, offsets, lines: list, ts, host, program, pid, level, fields,
+            messages, spans) -> list:
+    """rows.entry() of each one-line entry of json_chunk()'s columns, found in its line
+    where spans say (message_span())."""
+    if fields is None:
+        fields = itertools.repeat(None)
+    return [rows.entry(file_id, offset, parsed, line, None, *span, None) if span is not None
+            else rows.entry(file_id, offset, parsed, line, parsed[6], 1, None, None)
+            for offset, line, span, parsed
+            in zip(offsets, lines, spans, zip(ts, host, program, pid, level, fields, messages))]
+
+
 class SqliteRows:
     """Entries as rows of INSERT_ROW's shapes (see EntryBuilder for the arguments), and
     rows as the batches SqliteStore.add_batch() inserts."""
@@ -2218,9 +2299,9 @@ class SqliteRows:
         """(count, shape, parameters of INSERT_ROWS statements, rows left): made where the
         rows are made, in the parse worker, so that the inserting process only inserts."""
         sizes = set(map(len, rows))
-        size = sizes.pop() if len(sizes) == 1 else WIDEST
-        if sizes:   # rows of several shapes: all made the widest, so that the order holds
-            rows = [WIDEN[len(row)](row) for row in rows]
+        size = max(sizes, default=3)
+        if len(sizes) > 1:  # rows of several shapes: all made the widest, so that order holds
+            rows = [row if len(row) == size else WIDEN[len(row), size](row) for row in rows]
         whole = len(rows) - len(rows) % ROWS_PER_INSERT
         flat = list(itertools.chain.from_iterable(rows[:whole]))
         step = size * ROWS_PER_INSERT
@@ -2232,19 +2313,21 @@ class SqliteRows:
         return zip(itertools.repeat(file_id), offsets, lines)
 
     @staticmethod
-    def entry(file_id, offset, parsed, raw, message, msg_at, part):
+    def entry(file_id, offset, parsed, raw, message, msg_at, msg_len, part):
         if parsed is None:
             if message is None and part is None:
                 return (file_id, offset, raw)
-            return (file_id, offset, "", "", "", -1, "", "", raw, message or "", msg_at,
-                    part or 0)
+            return (file_id, offset, None, None, None, None, None, None, raw, message, msg_at,
+                    msg_len, part)
         ts, host, program, pid, level, fields, _ = parsed
-        if message is None and not (level or fields) and part is None:
-            return (file_id, offset, ts or "", host or "", program or "",
-                    -1 if pid is None else pid, raw, msg_at)
-        return (file_id, offset, ts or "", host or "", program or "",
-                -1 if pid is None else pid, level or "", FIELDS_JSON(fields) if fields else "",
-                raw, message or "", msg_at, part or 0)
+        if message is None and not fields and part is None:
+            if not level and msg_len is None:
+                return (file_id, offset, ts or None, host or None, program or None, pid, raw,
+                        msg_at)
+            return (file_id, offset, ts or None, host or None, program or None, pid,
+                    level or None, raw, msg_at, msg_len)
+        return (file_id, offset, ts or None, host or None, program or None, pid, level or None,
+                FIELDS_JSON(fields) if fields else None, raw, message, msg_at, msg_len, part)
 
     @staticmethod
     def syslog_lines(file_id: int, offsets, lines: list, found: list, minutes: dict) -> list:
@@ -2252,12 +2335,31 @@ class SqliteRows:
         them of what parse_syslog() reads (a test holds the two to each other)."""
         levels = STATED_LEVELS
         return [(file_id, offset, minutes[minute] + seconds, host, program,
-                 int(pid) if pid else -1, line, len(head) + 1)
+                 int(pid) if pid else None, line, len(head) + 1)
                 if not (level := first and (levels.get(first) or levels.get(then))) else
                 (file_id, offset, minutes[minute] + seconds, host, program,
-                 int(pid) if pid else -1, level, "", line, "", len(head) + 1, 0)
+                 int(pid) if pid else None, level, line, len(head) + 1, None)
                 for offset, line, (head, minute, seconds, host, program, pid, first, then)
                 in zip(offsets, lines, found)]
+
+    @classmethod
+    def json_lines(cls, file_id: int, offsets, lines: list, ts, host, program, pid, level,
+                   fields, messages) -> list:
+        """Rows of one-line entries from json_chunk()'s columns, storing what entry()'s
+        rows of what parse_json() reads store: made column by column, all of one shape,
+        when no line has fields and every message is found in its line (a test holds
+        the two to each other)."""
+        spans = list(map(message_span, lines, messages))
+        if fields is not None or None in spans:
+            return entries(cls, file_id, offsets, lines, ts, host, program, pid, level,
+                           fields, messages, spans)
+        if "" in host:
+            host = [value or None for value in host]
+        if "" in program:
+            program = [value or None for value in program]
+        at, length = zip(*spans)
+        return list(zip(itertools.repeat(file_id), offsets, ts, host, program, pid, level,
+                        lines, at, length))
 
 
 FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device",
@@ -2392,6 +2494,11 @@ class SqliteStore(Store):
                         "(generated columns)")
         check_database_file(path)
         check_database_directory(path)
+        # CPython's sqlite3 looks for an adapter for every value not str, int, float or
+        # bytearray: for None an attribute search that made inserts of rows with NULLs
+        # twice as slow (measured). Registered, the search ends at once; {}.get is a
+        # C function that returns None, which is bound as NULL.
+        sqlite3.register_adapter(type(None), {}.get)
         lock_fd = lock_database(path, mode)
         try:
             store = cls(path, sqlite3.connect(path, isolation_level=None,
@@ -3369,10 +3476,17 @@ class PgRows:
                 for offset, line, (head, minute, seconds, host, program, pid, first, then)
                 in zip(offsets, lines, found)]
 
-    def entry(self, file_id, offset, parsed, raw, message, msg_at, part):
-        if msg_at < 0:      # a quoted value in raw (quoted_at()): the view reads tails only
-            start = -msg_at - 1
-            message, msg_at = raw[start:raw.index('"', start)], 1
+    def json_lines(self, file_id: int, offsets, lines: list, *columns) -> list:
+        """entry()'s rows of one-line entries from json_chunk()'s columns."""
+        return entries(self, file_id, offsets, lines, *columns,
+                       list(map(message_span, lines, columns[-1])))
+
+    def entry(self, file_id, offset, parsed, raw, message, msg_at, msg_len, part):
+        if msg_len is not None:     # a part of raw (message_span()): the view reads tails only
+            message = raw[msg_at - 1:msg_at - 1 + abs(msg_len)]
+            if msg_len < 0:
+                message = message.replace('\\"', '"')
+            msg_at = 1
         raw_bytes = None
         if type(raw) is bytes:
             raw_bytes, raw = raw, readable_text(raw)
@@ -5685,6 +5799,10 @@ def run_tailer(args) -> int:
             raise Fatal(f"{args.directory!r} is not a directory")
     except OSError as exc:
         raise Fatal(f"directory {args.directory!r}: {exc.strerror}")
+    # A chunk's rows are many objects, freed without cycles; at the default thresholds
+    # every 700 of them made the cyclic collector look at all that were alive: 20-25% of
+    # the parse worker's time (measured). The worker forks with the same thresholds.
+    gc.set_threshold(*GC_THRESHOLDS)
     store = open_waiting(args)
     if store is None:
         log.warning("stopped while %s could not be reached; nothing is stored, all is read "

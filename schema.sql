@@ -1,4 +1,4 @@
--- logtail2db schema, version 4 (kept in PRAGMA user_version).
+-- logtail2db schema, version 5 (kept in PRAGMA user_version).
 -- Applied when the database is new; logtail2db.py carries the same text.
 
 -- One row per file identity: (dev, ino) guarded by the file's first bytes.
@@ -34,11 +34,15 @@ CREATE TABLE entries (
     raw      NOT NULL,              -- the entry without its final '\n' or '\r\n': TEXT, or a BLOB
                                     -- when it is not valid UTF-8; CAST(raw AS BLOB) = its bytes
     msg      TEXT,                  -- the message when it is not found in raw (else NULL)
-    msg_at   INTEGER NOT NULL DEFAULT 1,   -- where the message starts in raw (1-based): it is
-                                    -- raw from there on; when negative, from -msg_at up to the
-                                    -- next '"' (a quoted JSON or logfmt value)
+    msg_at   INTEGER NOT NULL DEFAULT 1,   -- where the message starts in raw (1-based); in rows
+                                    -- of older versions, when negative, from -msg_at up to
+                                    -- the next '"'
     part     INTEGER,               -- 1, 2, ... for pieces of an entry over --max-entry-bytes
+    msg_len  INTEGER,               -- the message's length in raw from msg_at, NULL: to the end;
+                                    -- when negative, a quoted value whose \" are read as "
     message  TEXT NOT NULL GENERATED ALWAYS AS (CASE WHEN msg IS NOT NULL THEN msg
+        WHEN msg_len >= 0 THEN substr(raw, msg_at, msg_len)
+        WHEN msg_len < 0 THEN replace(substr(raw, msg_at, -msg_len), '\"', '"')
         WHEN msg_at = 1 THEN raw WHEN msg_at > 0 THEN substr(raw, msg_at)
         ELSE substr(raw, -msg_at, instr(substr(raw, -msg_at), '"') - 1) END) VIRTUAL
 );
@@ -63,4 +67,4 @@ SELECT e.id, e.ts, e.level, f.path, e.host, e.program, e.pid, e.message, e.field
        e.file_id, e.offset, e.part
 FROM entries AS e JOIN files AS f ON f.id = e.file_id;
 
-PRAGMA user_version = 4;
+PRAGMA user_version = 5;

@@ -1526,20 +1526,26 @@ def test_wal_shrinks_once_a_long_reader_lets_go(tailer, logdir, db):
 # Entries from lines: the builder (pure) and the tailer ########################
 
 class FullRows:
-    """An encoder for EntryBuilder that keeps each entry's twelve values, None for NULL,
-    fields as JSON text: what a row stores, whatever the store's shapes."""
+    """An encoder for EntryBuilder that keeps each entry's thirteen values, None for NULL,
+    fields as JSON text: what a row stores, whatever the store's shapes (msg_len last)."""
 
     @staticmethod
     def lines(file_id, offsets, lines):
-        return [(file_id, offset, None, None, None, None, None, None, line, None, 1, None)
+        return [(file_id, offset, None, None, None, None, None, None, line, None, 1, None, None)
                 for offset, line in zip(offsets, lines)]
 
     @staticmethod
-    def entry(file_id, offset, parsed, raw, message, msg_at, part):
+    def entry(file_id, offset, parsed, raw, message, msg_at, msg_len, part):
         ts, host, program, pid, level, fields, _ = parsed or (None,) * 7
         return (file_id, offset, ts, host, program, pid, level,
                 json.dumps(fields, ensure_ascii=False, separators=(",", ":")) if fields else None,
-                raw, message, msg_at, part)
+                raw, message, msg_at, part, msg_len)
+
+    @classmethod
+    def json_lines(cls, file_id, offsets, lines, *columns):
+        return lt.entries(cls, file_id, offsets, lines, *columns,
+                          [lt.message_span(line, message)
+                           for line, message in zip(lines, columns[-1])])
 
     @classmethod
     def syslog_lines(cls, file_id, offsets, lines, found, minutes):
@@ -1547,7 +1553,7 @@ class FullRows:
                           (minutes[minute] + seconds, host, program, int(pid) if pid else None,
                            first and (lt.STATED_LEVELS.get(first) or lt.STATED_LEVELS.get(then))
                            or None,
-                           None, line[len(head):]), line, None, len(head) + 1, None)
+                           None, line[len(head):]), line, None, len(head) + 1, None, None)
                 for offset, line, (head, minute, seconds, host, program, pid, first, then)
                 in zip(offsets, lines, found)]
 
@@ -1638,26 +1644,52 @@ def test_builder_detects_the_format_from_the_first_lines(stamps):
 def message_of(row):
     """The message column of a FullRows row, computed as the schema's message column does."""
     raw, message, msg_at = row[8:11]
+    msg_len = row[12] if len(row) > 12 else None
     if message is not None:
         return message
-    if msg_at > 0:
+    if msg_len is None:
         return raw[msg_at - 1:]
-    return raw[-msg_at - 1:raw.index('"', -msg_at - 1)]
+    text = raw[msg_at - 1:msg_at - 1 + abs(msg_len)]
+    return text.replace('\\"', '"') if msg_len < 0 else text
 
 
-@pytest.mark.parametrize("line,message,at", [
-    ('{"level": "info", "msg": "hi there"}', "hi there", -27),
-    ('{"msg":"hi","x":"hi"}', "hi", -9),        # the first one: either reads the same
-    ('time=2026-11-24T13:59:19Z level=info msg="order updated" id=7', "order updated", -43),
-    ('{"msg": ""}', "", -10),
-    ('{"msg": "say \\"hi\\""}', 'say "hi"', 0),       # a quote: not found as such
-    ('{"msg": "caf\\u00e9"}', "café", 0),               # escaped: not there as such
-    ('no quotes here', "no quotes", 0),
+@pytest.mark.parametrize("raw,message,span", [
+    ('{"level": "info", "msg": "hi there"}', "hi there", (27, 8)),
+    ('{"msg":"hi","x":"hi"}', "hi", (9, 2)),        # the first one: either reads the same
+    ('time=2026-11-24T13:59:19Z level=info msg="order updated" id=7', "order updated", (43, 13)),
+    ('Nov 24 13:59:19 web-01 cron: tail', "tail", (30, None)),
+    ('{"msg": ""}', "", (12, None)),
+    ('{"msg": "say \\"hi\\""}', 'say "hi"', (10, -10)),  # its quotes quoted
+    ('{"msg": "caf\\u00e9"}', "café", None),              # escaped otherwise: not there
+    ('{"msg": "a\\\\b \\"c\\""}', 'a\\b "c"', None),        # a backslash too
+    ('caf\u00e9 \U0001f600 "x" y', '\U0001f600 "x', (6, 4)),  # characters, not bytes
+    ('no quotes here', "not here", None),
 ])
-def test_quoted_at_finds_a_message_that_is_a_quoted_value(line, message, at):
-    assert lt.quoted_at(line, message) == at
-    if at:
-        assert message_of((None,) * 8 + (line, None, at)) == message
+def test_message_span_says_where_the_message_column_finds_the_message(raw, message, span):
+    assert lt.message_span(raw, message) == span
+
+
+def test_message_column_reads_every_span_as_python_finds_it(tmp_path):
+    rng = random.Random(12)
+    alphabet = ['a', 'b', ' ', '"', '\\', '\u00e9', '\U0001f600', '\t', '=', '{']
+    conn = sqlite3.connect(tmp_path / "spans.db")
+    conn.executescript(lt.SCHEMA)
+    expected = []
+    for offset in range(3000):
+        raw = "".join(rng.choices(alphabet, k=rng.randrange(0, 30)))
+        start = rng.randrange(len(raw) + 1)
+        message = raw[start:rng.randrange(start, len(raw) + 1)]
+        if rng.random() < 0.3:      # a quoted value's text, its quotes quoted in raw
+            message = message.replace("\\", "")
+            raw = raw[:start] + message.replace('"', '\\"') + raw[start:]
+        span = lt.message_span(raw, message)
+        if span is None:
+            continue
+        conn.execute("INSERT INTO entries (file_id, offset, raw, msg_at, msg_len)"
+                     " VALUES (1, ?, ?, ?, ?)", (offset, raw, *span))
+        expected.append((offset, message))
+    assert len(expected) > 2800
+    assert conn.execute("SELECT offset, message FROM entries ORDER BY id").fetchall() == expected
 
 
 def test_builder_joins_docker_pieces_into_one_entry(stamps):
@@ -1667,7 +1699,7 @@ def test_builder_joins_docker_pieces_into_one_entry(stamps):
     builder, rows = build(data[:cut], format="docker", stamps=stamps)
     assert rows == [] and builder.held_offset(cut) == 0     # the offset waits for the rest
     rows = builder.feed(data[cut:], cut)
-    assert [(r[1], r[2], r[7], r[8], r[9]) for r in rows] == [
+    assert [(r[1], r[2], r[7], r[8], message_of(r)) for r in rows] == [
         (0, TS + ".123456", '{"stream":"stdout"}', "\n".join(lines[:3]),
          "a" * 16384 + "b" * 16384 + "c"),
         (len(data) - len(lines[3]) - 1, TS + ".123456", '{"stream":"stdout"}', lines[3], "next")]
@@ -2570,7 +2602,7 @@ def test_json_messages_are_read_from_raw_and_not_stored_twice(logdir, db):
     assert run_once(logdir, db).returncode == 0
     assert [row[0] for row in query(db, "SELECT message FROM logs ORDER BY id")] == messages
     stored_twice = query(db, "SELECT count(*) FROM entries WHERE msg IS NOT NULL")[0][0]
-    assert stored_twice == 5        # the quote, and the escaped ones: \t, \u00e9, \n, \\
+    assert stored_twice == 4        # the escaped ones: \t, \u00e9, \n, \\ (not \" alone)
 
 
 def test_older_schema_is_migrated_in_one_transaction(logdir, db, tmp_path):
@@ -2591,11 +2623,13 @@ def test_older_schema_is_migrated_in_one_transaction(logdir, db, tmp_path):
     assert query(fresh, "PRAGMA page_size") == [(lt.PAGE_SIZE,)] != query(db, "PRAGMA page_size")
 
 
-def test_schema_3_is_migrated_in_place_with_every_message_as_it_was(logdir, db, tmp_path):
-    v3 = lt.SCHEMA.replace(lt.ENTRIES_V4, lt.ENTRIES_V3).replace(
-        "PRAGMA user_version = 4;", "PRAGMA user_version = 3;")
-    assert v3 != lt.SCHEMA
-    by_hand(db, v3 + "INSERT INTO files (id, path, offset, fingerprint, first_seen, updated) "
+@pytest.mark.parametrize("version", [3, 4])
+def test_schema_is_migrated_in_place_with_every_message_as_it_was(logdir, db, tmp_path,
+                                                                   version):
+    old = lt.SCHEMA.replace(lt.ENTRIES_V5, {3: lt.ENTRIES_V3, 4: lt.ENTRIES_V4}[version]).replace(
+        f"PRAGMA user_version = {lt.SCHEMA_VERSION};", f"PRAGMA user_version = {version};")
+    assert old != lt.SCHEMA
+    by_hand(db, old + "INSERT INTO files (id, path, offset, fingerprint, first_seen, updated) "
             "VALUES (1, '/old/app.log', 4, x'', '2026-01-01', '2026-01-01');"
             "INSERT INTO entries (file_id, offset, raw, msg, msg_at) VALUES "
             "(1, 0, 'whole line', NULL, 1), (1, 1, 'Nov 24 h p: tail', NULL, 13),"
@@ -2605,9 +2639,11 @@ def test_schema_3_is_migrated_in_place_with_every_message_as_it_was(logdir, db, 
     before = query(db, messages)
     assert [row[1] for row in before] == ["whole line", "tail", "quoted", "its own", b"\xff\x00\xfe",
                                           b"\xff\x42"]
+    (logdir / "app.log").write_bytes(b'{"msg": "say \\"new\\""}\n')  # stored as version 5 does
     assert run_once(logdir, db).returncode == 0
     assert query(db, "PRAGMA user_version") == [(lt.SCHEMA_VERSION,)]
-    assert query(db, messages) == before
+    assert query(db, messages) == before + [(7, 'say "new"', "text")]
+    assert query(db, "SELECT msg, msg_len FROM entries WHERE id = 7") == [(None, -11)]
     fresh = tmp_path / "fresh.db"
     assert run_once(logdir, fresh).returncode == 0
     schema = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name"
@@ -3750,6 +3786,12 @@ def test_json_plan_reads_objects_as_the_key_by_key_search_does(stamps):
         assert parse_json(line, stamps) == lt._parse_json(json.loads(line), line, stamps), line
 
 
+def chunk_rows(columns) -> list:
+    """json_chunk()'s columns as the Parsed of each line."""
+    ts, host, program, pid, level, fields, messages = columns
+    return list(zip(ts, host, program, pid, level, fields or [None] * len(ts), messages))
+
+
 def test_json_chunk_reads_lines_as_parse_json_does(stamps):
     rng = random.Random(8)
     usable = {"time": ["2026-11-24T13:59:19Z", 1795528759, "2026-11-24 13:59:19,5", None],
@@ -3773,14 +3815,58 @@ def test_json_chunk_reads_lines_as_parse_json_does(stamps):
                                         '{"a": "\\ud800"}', '{"a": 1}{}',
                                         '{"__REALTIME_TIMESTAMP": "1796211176655353"}']))
         text = "".join(line + "\n" for line in lines)
-        heads = lt.json_chunk(text, lines, stamps)
-        if heads is not None:
+        columns = lt.json_chunk(text, lines, stamps)
+        if columns is not None:
             fast += 1
-            assert heads == [parse_json(line, stamps) for line in lines], text
+            assert chunk_rows(columns) == [parse_json(line, stamps) for line in lines], text
     assert 100 < fast < 590
     for line in ['{"time": null, "ts": 1795528759, "msg": "x"}', '{"host": null, "hostname": "h"}',
                  '{"msg": null, "message": "m"}', '{"pid": null, "msg": "m"}']:
-        assert lt.json_chunk(line + "\n", [line], stamps) in (None, [parse_json(line, stamps)])
+        columns = lt.json_chunk(line + "\n", [line], stamps)
+        assert columns is None or chunk_rows(columns) == [parse_json(line, stamps)], line
+
+
+@pytest.mark.parametrize("rows", [lt.SqliteRows, lt.PgRows(7)], ids=["sqlite", "pg"])
+def test_json_chunk_makes_the_rows_line_by_line_parsing_makes(stamps, rows, monkeypatch):
+    rng = random.Random(9)
+    values = {"time": ["2026-11-24T13:59:19Z", 1795528759], "level": ["info", "WARN", 30],
+              "msg": ["text", "", "caf\u00e9", 'say "hi"', "a\\b", "tab\there", "web-01"],
+              "host": ["web-01", ""], "program": ["nginx", ""], "pid": [1234, None],
+              "other": [1, "x"]}
+    shapes = [["time", "level", "host", "msg", "program", "pid"], ["msg", "level"],
+              ["level", "other", "msg"], ["time", "host"], ["pid", "time", "msg"]]
+
+    def chunk() -> str:
+        some = rng.sample(shapes, rng.randrange(1, 3))
+        return "".join(json.dumps({key: rng.choice(values[key]) for key in rng.choice(some)},
+                                  ensure_ascii=rng.random() < 0.5) + "\n"
+                       for _ in range(rng.randrange(1, 30)))
+
+    chunks = [chunk() for _ in range(400)]
+    options = lt.ParseOptions("json", None, None, 1 << 20, 1000)
+
+    def rows_of(builder) -> list:
+        made, offset = [], 0
+        for text in chunks:
+            data = text.encode()
+            made.extend(builder.feed(data, offset))
+            offset += len(data)
+        return made + builder.flush()
+
+    def stored(made: list) -> list:     # a SQLite row stores the same in a wider shape
+        return [lt.WIDEN[len(row), 13](row) if rows is lt.SqliteRows and len(row) < 13 else row
+                for row in made]
+
+    fast = rows_of(lt.EntryBuilder(1, options, stamps, rows))
+    taken = []
+    monkeypatch.setattr(lt, "json_chunk", lambda text, lines, stamps: taken.append(text))
+    assert stored(fast) == stored(rows_of(lt.EntryBuilder(1, options, stamps, rows)))
+    assert len(taken) == len(chunks)
+    monkeypatch.undo()
+    by_columns = [columns for columns in (lt.json_chunk(text, text.splitlines(), stamps)
+                                          for text in chunks)
+                  if columns is not None and columns[5] is None]
+    assert len(by_columns) > 100     # many chunks without fields: rows made column by column
 
 
 def copy_fields(data: bytes) -> list:
