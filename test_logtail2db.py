@@ -3729,6 +3729,18 @@ def test_syslog_fast_path_reads_lines_as_the_general_code_does(stamps):
     assert 200 < matched < 4500     # both kinds of line are seen
 
 
+def fed_rows(builder, chunks: list) -> list:
+    """The rows a builder makes of chunks of text fed one after the other, each followed by
+    what it holds back, then those of its flush()."""
+    made, offset = [], 0
+    for text in chunks:
+        data = text.encode()
+        made.extend(builder.feed(data, offset))
+        offset += len(data)
+        made.append(("held", builder.held))
+    return made + builder.flush()
+
+
 @pytest.mark.parametrize("rows", [lt.SqliteRows, lt.PgRows(7)], ids=["sqlite", "pg"])
 def test_syslog_chunk_makes_the_rows_line_by_line_parsing_makes(stamps, rows, monkeypatch):
     rng = random.Random(6)
@@ -3756,19 +3768,10 @@ def test_syslog_chunk_makes_the_rows_line_by_line_parsing_makes(stamps, rows, mo
     chunks = [chunk(odd_one=rng.random() < 0.3) for _ in range(400)]
     options = lt.ParseOptions("syslog", None, None, 1 << 20, 1000)
 
-    def rows_of(builder) -> list:
-        made, offset = [], 0
-        for text in chunks:
-            data = text.encode()
-            made.extend(builder.feed(data, offset))
-            offset += len(data)
-            made.append(("held", builder.held))
-        return made + builder.flush()
-
-    fast = rows_of(lt.EntryBuilder(1, options, stamps, rows))
+    fast = fed_rows(lt.EntryBuilder(1, options, stamps, rows), chunks)
     taken = []
     monkeypatch.setattr(lt, "syslog_chunk", lambda text, stamps: taken.append(text))
-    assert fast == rows_of(lt.EntryBuilder(1, options, stamps, rows))
+    assert fast == fed_rows(lt.EntryBuilder(1, options, stamps, rows), chunks)
     assert len(taken) == len(chunks)
     assert sum(lt.SYSLOG_CHUNK_RE.findall(text).__len__() == text.count("\n")
                for text in chunks) > 200    # most chunks took the fast path
@@ -3845,22 +3848,15 @@ def test_json_chunk_makes_the_rows_line_by_line_parsing_makes(stamps, rows, monk
     chunks = [chunk() for _ in range(400)]
     options = lt.ParseOptions("json", None, None, 1 << 20, 1000)
 
-    def rows_of(builder) -> list:
-        made, offset = [], 0
-        for text in chunks:
-            data = text.encode()
-            made.extend(builder.feed(data, offset))
-            offset += len(data)
-        return made + builder.flush()
-
     def stored(made: list) -> list:     # a SQLite row stores the same in a wider shape
-        return [lt.WIDEN[len(row), 13](row) if rows is lt.SqliteRows and len(row) < 13 else row
+        return [lt.WIDEN[len(row), 13](row) if rows is lt.SqliteRows and len(row) in (3, 8, 10)
+                else row
                 for row in made]
 
-    fast = rows_of(lt.EntryBuilder(1, options, stamps, rows))
+    fast = fed_rows(lt.EntryBuilder(1, options, stamps, rows), chunks)
     taken = []
     monkeypatch.setattr(lt, "json_chunk", lambda text, lines, stamps: taken.append(text))
-    assert stored(fast) == stored(rows_of(lt.EntryBuilder(1, options, stamps, rows)))
+    assert stored(fast) == stored(fed_rows(lt.EntryBuilder(1, options, stamps, rows), chunks))
     assert len(taken) == len(chunks)
     monkeypatch.undo()
     by_columns = [columns for columns in (lt.json_chunk(text, text.splitlines(), stamps)
