@@ -1655,7 +1655,7 @@ def message_of(row):
 
 @pytest.mark.parametrize("raw,message,span", [
     ('{"level": "info", "msg": "hi there"}', "hi there", (27, 8)),
-    ('{"msg":"hi","x":"hi"}', "hi", (9, 2)),        # the first one: either reads the same
+    ('{"msg":"hi","x":"hi"}', "hi", (18, 2)),       # the last one: either reads the same
     ('time=2026-11-24T13:59:19Z level=info msg="order updated" id=7', "order updated", (43, 13)),
     ('Nov 24 13:59:19 web-01 cron: tail', "tail", (30, None)),
     ('{"msg": ""}', "", (12, None)),
@@ -1667,6 +1667,22 @@ def message_of(row):
 ])
 def test_message_span_says_where_the_message_column_finds_the_message(raw, message, span):
     assert lt.message_span(raw, message) == span
+
+
+def test_message_spans_are_message_span_column_by_column():
+    rng = random.Random(13)
+    alphabet = ['a', 'b', ' ', '"', '\\', '\u00e9', '{']
+    for _ in range(300):
+        lines, messages = [], []
+        for _ in range(rng.randrange(1, 20)):
+            raw = "".join(rng.choices(alphabet, k=rng.randrange(0, 12)))
+            start = rng.randrange(len(raw) + 1)
+            messages.append(raw[start:rng.randrange(start, len(raw) + 1)]
+                            if rng.random() < 0.95 else "zz")    # now and then not there
+            lines.append(raw)
+        spans = [lt.message_span(raw, message) for raw, message in zip(lines, messages)]
+        expected = None if None in spans else tuple(map(list, zip(*spans)))
+        assert lt.message_spans(lines, messages) == expected, (lines, messages)
 
 
 def test_message_column_reads_every_span_as_python_finds_it(tmp_path):
