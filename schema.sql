@@ -1,4 +1,4 @@
--- logtail2db schema, version 5 (kept in PRAGMA user_version).
+-- logtail2db schema, version 6 (kept in PRAGMA user_version).
 -- Applied when the database is new; logtail2db.py carries the same text.
 
 -- One row per file identity: (dev, ino) guarded by the file's first bytes.
@@ -21,7 +21,7 @@ CREATE TABLE files (
 CREATE INDEX files_identity ON files(ino, dev);
 
 -- One row per log entry: a line, or a multi-line entry such as a stack trace.
-CREATE TABLE entries (
+CREATE TABLE entry_rows (
     id       INTEGER PRIMARY KEY,
     file_id  INTEGER NOT NULL REFERENCES files(id),
     offset   INTEGER NOT NULL,      -- byte offset of the entry's first byte in its file
@@ -38,14 +38,22 @@ CREATE TABLE entries (
                                     -- of older versions, when negative, from -msg_at up to
                                     -- the next '"'
     part     INTEGER,               -- 1, 2, ... for pieces of an entry over --max-entry-bytes
-    msg_len  INTEGER,               -- the message's length in raw from msg_at, NULL: to the end;
+    msg_len  INTEGER                -- the message's length in raw from msg_at, NULL: to the end;
                                     -- when negative, a quoted value whose \" are read as "
-    message  TEXT NOT NULL GENERATED ALWAYS AS (CASE WHEN msg IS NOT NULL THEN msg
+);
+
+-- The entries as they are queried: every column of entry_rows and the message.
+CREATE VIEW entries AS
+SELECT id, file_id, offset, ts, host, program, pid, level, fields, raw, msg, msg_at, part,
+       msg_len, CASE WHEN msg IS NOT NULL THEN msg
         WHEN msg_len >= 0 THEN substr(raw, msg_at, msg_len)
         WHEN msg_len < 0 THEN replace(substr(raw, msg_at, -msg_len), '\"', '"')
         WHEN msg_at = 1 THEN raw WHEN msg_at > 0 THEN substr(raw, msg_at)
-        ELSE substr(raw, -msg_at, instr(substr(raw, -msg_at), '"') - 1) END) VIRTUAL
-);
+        ELSE substr(raw, -msg_at, instr(substr(raw, -msg_at), '"') - 1) END AS message
+FROM entry_rows;
+CREATE TRIGGER entries_delete INSTEAD OF DELETE ON entries BEGIN
+    DELETE FROM entry_rows WHERE id = old.id;
+END;
 
 -- Who is writing: the pid of the running tailer, for the refusal message.
 CREATE TABLE meta (
@@ -67,4 +75,4 @@ SELECT e.id, e.ts, e.level, f.path, e.host, e.program, e.pid, e.message, e.field
        e.file_id, e.offset, e.part
 FROM entries AS e JOIN files AS f ON f.id = e.file_id;
 
-PRAGMA user_version = 5;
+PRAGMA user_version = 6;

@@ -1701,7 +1701,7 @@ def test_message_column_reads_every_span_as_python_finds_it(tmp_path):
         span = lt.message_span(raw, message)
         if span is None:
             continue
-        conn.execute("INSERT INTO entries (file_id, offset, raw, msg_at, msg_len)"
+        conn.execute("INSERT INTO entry_rows (file_id, offset, raw, msg_at, msg_len)"
                      " VALUES (1, ?, ?, ?, ?)", (offset, raw, *span))
         expected.append((offset, message))
     assert len(expected) > 2800
@@ -2639,10 +2639,11 @@ def test_older_schema_is_migrated_in_one_transaction(logdir, db, tmp_path):
     assert query(fresh, "PRAGMA page_size") == [(lt.PAGE_SIZE,)] != query(db, "PRAGMA page_size")
 
 
-@pytest.mark.parametrize("version", [3, 4])
+@pytest.mark.parametrize("version", [3, 4, 5])
 def test_schema_is_migrated_in_place_with_every_message_as_it_was(logdir, db, tmp_path,
                                                                    version):
-    old = lt.SCHEMA.replace(lt.ENTRIES_V5, {3: lt.ENTRIES_V3, 4: lt.ENTRIES_V4}[version]).replace(
+    entries = {3: lt.ENTRIES_V3, 4: lt.ENTRIES_V4, 5: lt.ENTRIES_V5}[version]
+    old = lt.SCHEMA.replace(lt.ENTRIES_V6, entries).replace(
         f"PRAGMA user_version = {lt.SCHEMA_VERSION};", f"PRAGMA user_version = {version};")
     assert old != lt.SCHEMA
     by_hand(db, old + "INSERT INTO files (id, path, offset, fingerprint, first_seen, updated) "
@@ -2664,6 +2665,36 @@ def test_schema_is_migrated_in_place_with_every_message_as_it_was(logdir, db, tm
     assert run_once(logdir, fresh).returncode == 0
     schema = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name"
     assert query(db, schema) == query(fresh, schema)
+
+
+def test_full_text_index_of_version_5_is_kept_in_step_after_migrating(logdir, db):
+    v5 = lt.SCHEMA.replace(lt.ENTRIES_V6, lt.ENTRIES_V5).replace(
+        f"PRAGMA user_version = {lt.SCHEMA_VERSION};", "PRAGMA user_version = 5;")
+    by_hand(db, v5 + """
+CREATE VIRTUAL TABLE entries_fts USING fts5 (message, content = 'entries', content_rowid = 'id');
+CREATE TRIGGER entries_fts_insert AFTER INSERT ON entries BEGIN
+    INSERT INTO entries_fts (rowid, message) VALUES (new.id, new.message);
+END;
+CREATE TRIGGER entries_fts_delete AFTER DELETE ON entries BEGIN
+    INSERT INTO entries_fts (entries_fts, rowid, message) VALUES ('delete', old.id, old.message);
+END;
+INSERT INTO files (id, path, offset, fingerprint, first_seen, updated)
+VALUES (1, '/old/app.log', 4, x'', '2026-01-01', '2026-01-01');
+INSERT INTO entries (file_id, offset, raw, msg_at) VALUES (1, 0, 'Nov 24 h p: old timeout', 13);
+CREATE VIEW mine AS SELECT message FROM entries;
+""")
+    (logdir / "app.log").write_bytes(b'{"msg": "new timeout"}\n')
+    assert run_once(logdir, db).returncode == 0     # no --fts: the triggers keep it in step
+    assert query(db, "PRAGMA user_version") == [(lt.SCHEMA_VERSION,)]
+    match = "SELECT message FROM entries WHERE id IN (SELECT rowid FROM entries_fts(?)) ORDER BY id"
+    assert query(db, match, ("timeout",)) == [("old timeout",), ("new timeout",)]
+    assert query(db, "SELECT * FROM mine") == [("old timeout",), ("new timeout",)]  # the user's
+    conn = sqlite3.connect(db)
+    conn.execute("DELETE FROM entries WHERE message = 'old timeout'")
+    conn.commit()
+    conn.execute("INSERT INTO entries_fts (entries_fts) VALUES ('integrity-check')")  # or raises
+    conn.close()
+    assert query(db, match, ("timeout",)) == [("new timeout",)]
 
 
 def test_failed_migration_leaves_the_database_as_it_was(logdir, db):
