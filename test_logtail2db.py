@@ -3920,14 +3920,15 @@ def copy_fields(data: bytes) -> list:
              for field in line.split("\t")] for line in data.decode().split("\n")[:-1]]
 
 
+@pytest.mark.parametrize("width", [4, 6, 10, 14])    # COPY_ROW's shapes, and another
 @pytest.mark.parametrize("special", [[], ["c:\\N", "\\", "\\x41"], ["cr\r"],
                                      ["a\tb", "two\nlines", "c:\\N", "cr\r"]])
-def test_copy_data_is_what_the_rows_hold(special):
+def test_copy_data_is_what_the_rows_hold(special, width):
     rng = random.Random(11)
     texts = ["plain", "caf\u00e9", "", "None", "N", *special]
-    rows = [(7, n, rng.choice([lt.PG_NULL, 3, "2026-11-24 13:59:19"]), rng.choice(texts),
-             rng.choice([lt.PG_NULL, "\\x00ff" if special else "x"]), rng.choice(texts))
-            for n in range(300)]
+    values = [[lt.PG_NULL, 3, "2026-11-24 13:59:19"], texts,
+              [lt.PG_NULL, "\\x00ff" if special else "x"], texts]
+    rows = [(7, n, *[rng.choice(values[at % 4]) for at in range(width - 2)]) for n in range(300)]
     expected = [[None if value == lt.PG_NULL else str(value) for value in row] for row in rows]
     assert copy_fields(lt.copy_data(rows)) == expected
 
