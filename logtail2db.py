@@ -61,6 +61,7 @@ import logging
 import marshal
 import operator
 import os
+import queue
 import re
 import resource
 import select
@@ -119,6 +120,8 @@ PROGRESS_AFTER_S = 2.0          # a catch-up longer than this shows progress on 
 PROGRESS_EVERY_S = 0.25
 BULK_BYTES = 4 << 20            # a backlog this big is parsed by the worker, on the other core
 WORKER_BUFFER = 4 << 20         # socket buffer: the worker parses ahead while rows are inserted
+FRAME_WAIT_S = 0.05             # for the rest of a frame begun: the worker sends it as it can
+FRAMES_AHEAD = 2                # frames of rows the worker keeps made ahead of its sending
 WORKER_FRAME = 2 << 20          # bytes first kept for a frame of rows from the worker (it grows)
 GC_THRESHOLDS = (100_000, 50, 100)  # of the cyclic collector: see run_tailer()
 DEFAULT_EXCLUDES = ("*.gz", "*.bz2", "*.xz", "*.zst", "*.zip", "*.lz4", "*.Z")
@@ -4062,7 +4065,10 @@ DONE_FRAME = marshal.dumps(("done",))     # the worker's end of a run
 
 
 def send_frame(sock: socket.socket, message, fd: int = None) -> None:
-    data = marshal.dumps(message)
+    send_marshalled(sock, marshal.dumps(message), fd)
+
+
+def send_marshalled(sock: socket.socket, data: bytes, fd: int = None) -> None:
     header = _FRAME.pack(len(data))
     try:
         if fd is None:
@@ -4102,7 +4108,35 @@ def receive_request(sock: socket.socket):
     return message, fds[0] if fds else None
 
 
-def _parse_run(sock, fd: int, request, options, stamps, rows) -> None:
+class FrameSender:
+    """The worker's sending half: frames made by the parsing thread (FRAMES_AHEAD at most
+    waiting) and sent by a thread of their own. The kernel caps a socket's buffer
+    (net.core.wmem_max, 208 KiB on most boxes) far below a chunk's frame; sent by the
+    parsing thread, a frame kept it waiting until the tailer, busy inserting, read the
+    last of it, and the tailer found the next not ready and parsed in its place (a
+    catch-up 10-30% slower there, measured). The thread only sends: the frame is made
+    where its rows are, so that a failure to make one is the parsing thread's."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.frames = queue.Queue(FRAMES_AHEAD)
+        threading.Thread(target=self._run, name="frame sender", daemon=True).start()
+
+    def send(self, message) -> None:
+        self.frames.put(marshal.dumps(message))
+
+    def _run(self) -> None:
+        try:
+            while True:
+                send_marshalled(self.sock, self.frames.get())
+        except WorkerLost:
+            os._exit(0)     # the tailer closed the socket: done
+        except BaseException as exc:
+            log.error("parse worker: %r", exc)
+            os._exit(1)     # the tailer sees the socket close and parses in-process
+
+
+def _parse_run(sock, sender: FrameSender, fd: int, request, options, stamps, rows) -> None:
     """Parse fd from pos to its size a chunk at a time, each answered with its rows and the
     builder's state after it, until done or a "stop" comes."""
     _, file_id, format, part, held, pos = request
@@ -4117,7 +4151,7 @@ def _parse_run(sock, fd: int, request, options, stamps, rows) -> None:
         if not data:
             return      # a line without its newline yet, or an over-long one
         batch = rows.batch(list(builder.feed(data, pos, st.st_mtime)))
-        send_frame(sock, ("rows", batch, end, builder.format, builder.part, builder.held))
+        sender.send(("rows", batch, end, builder.format, builder.part, builder.held))
         pos = end
 
 
@@ -4133,6 +4167,7 @@ def _serve(sock: socket.socket, options: ParseOptions, rows) -> None:
         os.closerange(3, sock.fileno())
         os.closerange(sock.fileno() + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         stamps = Stamps()
+        sender = FrameSender(sock)
         while True:
             try:
                 request, fd = receive_request(sock)
@@ -4140,10 +4175,10 @@ def _serve(sock: socket.socket, options: ParseOptions, rows) -> None:
                 os._exit(0)     # the tailer closed the socket: done
             if request[0] == "parse":
                 try:
-                    _parse_run(sock, fd, request, options, stamps, rows)
+                    _parse_run(sock, sender, fd, request, options, stamps, rows)
                 finally:
                     os.close(fd)
-                send_frame(sock, ("done",))
+                sender.send(("done",))
             # else a "stop" for a run that had ended already
     except BaseException as exc:
         log.error("parse worker: %r", exc)
@@ -4157,8 +4192,9 @@ class ParseWorker:
 
     take() hands it a file's backlog (the fd by SCM_RIGHTS, where to start, the builder's
     state) when it is free, and takes the chunks it has sent back: their rows go to the
-    store, the builder takes its state after them. Nothing here waits for the worker: its
-    socket is in the loop's select(), and the file is read on once chunks have come.
+    store, the builder takes its state after them. Nothing here waits for the worker but
+    the rest of a frame it has begun to send: its socket is in the loop's select(), and the
+    file is read on once chunks have come.
     """
 
     def __init__(self, options: ParseOptions, rows):
@@ -4223,16 +4259,23 @@ class ParseWorker:
         return t.pos - start
 
     def receive(self) -> None:
-        """Take in what the worker has sent, without waiting, while no chunk waits: a frame
-        at a time, straight into one buffer kept for the next (a chunk is decoded before
-        the next is received), as copying and allocating megabytes a chunk cost more than
-        decoding them."""
+        """Take in what the worker has sent while no chunk waits: a frame at a time,
+        straight into one buffer kept for the next (a chunk is decoded before the next is
+        received), as copying and allocating megabytes a chunk cost more than decoding
+        them. Nothing is waited for but the rest of a frame begun (up to FRAME_WAIT_S at a
+        time): the kernel caps the socket's buffer (net.core.rmem_max, 208 KiB on most
+        boxes), so a frame of a MiB comes in pieces, and one taken for not ready would
+        leave the worker blocked in its send while this core parsed in its place (a
+        catch-up 40% slower, measured)."""
         while not self.chunks:
             end = _FRAME.size if self.frame_end is None else self.frame_end
             try:
                 got = self.sock.recv_into(self.view[self.got:end], end - self.got,
                                           socket.MSG_DONTWAIT)
             except BlockingIOError:
+                if (self.got or self.frame_end is not None) and select.select(
+                        [self.sock], [], [], FRAME_WAIT_S)[0]:
+                    continue
                 break
             except ConnectionResetError:
                 got = 0
