@@ -1252,7 +1252,21 @@ def header(tool: pathlib.Path, elapsed_s: float, others: str) -> list:
             f"{platform.machine()}, load {os.getloadavg()[0]:.2f}; {others}",
             f"python:  {platform.python_version()}, SQLite {sqlite3.sqlite_version} (module), "
             f"sqlite3 CLI {cli_version}",
+            f"sockets: {socket_buffers()}",
             f"run:     {elapsed_s:.0f} s, seed {SEED}"]
+
+
+def socket_buffers() -> str:
+    """The kernel's caps on a socket's buffers, which bound how far the parse worker's rows
+    run ahead of the tailer in the kernel (208 KiB on most boxes)."""
+    caps = []
+    for name in ("wmem_max", "rmem_max"):
+        try:
+            size = int(pathlib.Path("/proc/sys/net/core", name).read_text())
+            caps.append(f"net.core.{name} {size / 1024:,.0f} KiB")
+        except (OSError, ValueError):
+            caps.append(f"net.core.{name} unknown")
+    return ", ".join(caps)
 
 
 def shown_target(target: Target | None) -> str:
