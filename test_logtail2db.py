@@ -2291,9 +2291,12 @@ def test_two_core_catch_up_of_several_big_files(logdir, tmp_path):
 
 
 @pytest.mark.parametrize("frame_bytes", [lt.WORKER_FRAME, 16])    # and its buffer grown
+# The kernel's least socket buffer too: each frame of rows comes in hundreds of pieces.
+@pytest.mark.parametrize("socket_bytes", [lt.WORKER_BUFFER, 4096])
 def test_parse_worker_is_free_again_once_its_run_is_taken(tmp_path, stamps, frame_bytes,
-                                                          monkeypatch):
+                                                          socket_bytes, monkeypatch):
     monkeypatch.setattr(lt, "WORKER_FRAME", frame_bytes)
+    monkeypatch.setattr(lt, "WORKER_BUFFER", socket_bytes)
     path = tmp_path / "syslog"
     path.write_bytes(syslog_backlog(20000))
     options = lt.ParseOptions("syslog", None, None, 1 << 20, 500)
