@@ -4263,10 +4263,8 @@ class ParseWorker:
         straight into one buffer kept for the next (a chunk is decoded before the next is
         received), as copying and allocating megabytes a chunk cost more than decoding
         them. Nothing is waited for but the rest of a frame begun (up to FRAME_WAIT_S at a
-        time): the kernel caps the socket's buffer (net.core.rmem_max, 208 KiB on most
-        boxes), so a frame of a MiB comes in pieces, and one taken for not ready would
-        leave the worker blocked in its send while this core parsed in its place (a
-        catch-up 40% slower, measured)."""
+        time): a frame comes in pieces of the socket's buffer (see FrameSender), and one
+        taken for not ready would have this core parse in the worker's place."""
         while not self.chunks:
             end = _FRAME.size if self.frame_end is None else self.frame_end
             try:

@@ -416,11 +416,8 @@ def percentile(ordered: list, p: float) -> float:
 
 # Measurements #################################################################
 
-def import_floor(directory: pathlib.Path, db: pathlib.Path) -> Run | None:
-    """The sqlite3 CLI's .import of each file, one line per row; None without the CLI."""
-    cli = shutil.which("sqlite3")
-    if cli is None:
-        return None
+def import_floor(cli: str, directory: pathlib.Path, db: pathlib.Path) -> Run:
+    """The sqlite3 CLI's .import of each file, one line per row."""
     # Fields split at \037 (unit separator), which the corpus never holds: a row per line.
     script = ["CREATE TABLE lines(raw TEXT);", ".mode ascii", r'.separator "\037" "\n"']
     script += [f'.import "{path}" lines' for path in sorted(directory.iterdir())]
@@ -496,13 +493,13 @@ def measure_catchup(work: pathlib.Path, tool: pathlib.Path, lines: int, tries: i
 
     # Each corpus has its own floor: JSON lines are longer, so the same count costs more to
     # store even without parsing; the JSON ratio to its own floor says what parsing costs.
-    floors = {}
+    floors, cli = {}, shutil.which("sqlite3")
     for label, directory, size, fmt in (("syslog", syslog_dir, syslog_size, "syslog"),
                                         ("JSON lines", json_dir, json_size, "json")):
         progress(f"catch-up: floor, sqlite3 .import of the {label} corpus")
         db = work / f"floor-import-{fmt}.db"
-        floors[fmt] = (None if shutil.which("sqlite3") is None else
-                       best_of(tries, lambda: import_floor(directory, fresh(db))))
+        floors[fmt] = None if cli is None else best_of(  # None: its rows say why
+            tries, lambda: import_floor(cli, directory, fresh(db)))
         rows.append(import_row(label, floors[fmt], db, lines, size))
     progress("catch-up: floor, Python executemany")
     floor_python = best_of(tries, lambda: run_measured(
