@@ -3839,6 +3839,38 @@ def test_json_plan_reads_objects_as_the_key_by_key_search_does(stamps):
         assert parse_json(line, stamps) == lt._parse_json(json.loads(line), line, stamps), line
 
 
+def test_json_objects_are_each_lines_own_object():
+    """Read as one array or line by line, each line's object is the one it is alone; a
+    chunk where a line is anything else gets None. The array's joins must not read as
+    anything but the lines' ends: lines whose text runs into the next one's, or holds two
+    objects, or ends the array early, are what the checks are for."""
+    scan = json.JSONDecoder().scan_once
+    chunks = [['{"a": 1}', '{"b": "x", "c": [1, {"d": null}]}', '{}'],
+              ['{"msg": "a},{b"}', '{"k": {"n": 1}, "m": 2}'],     # "}," inside: line by line
+              ['{"a": [{}', '{}]}'], ['{"a": [{}', '{}]}', '{}, {}'],  # two lines one object
+              ['{"a": [{}', '{}]}', '{},{}'], ['{"a": [{}', '{}]}', '{}\t ,\t{}'],
+              ['{"a": "x}', '{"b": "y"}'],        # a string that runs on
+              ['{"a": 1}]}'], ['{"a": 1}]', '[{"b": 2}'], ['{"a": 1}', '{"b": 2}]'],
+              ['{"a": 1} ', '{"b": 2}'], [' {"a": 1}'], ['{"a": 1}', ''], ['[1]'],
+              ['{"a": 1}{}'], ['{"a": NaN, "b": -0.0, "c": 1e400}'], ['{"a": 1', '}']]
+    for lines in chunks:
+        text = "".join(line + "\n" for line in lines)
+        objs = lt.json_objects(text, lines)
+        alone = []
+        for line in lines:
+            try:
+                obj, end = scan(line, 0)
+            except (StopIteration, ValueError):
+                break
+            if end != len(line) or type(obj) is not dict:
+                break
+            alone.append(obj)
+        if len(alone) == len(lines):
+            assert objs is not None and list(objs) == alone, lines
+        else:
+            assert objs is None, lines
+
+
 def chunk_rows(columns) -> list:
     """json_chunk()'s columns as the Parsed of each line."""
     ts, host, program, pid, level, fields, messages = columns
