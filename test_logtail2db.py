@@ -3846,7 +3846,8 @@ def test_json_objects_are_each_lines_own_object():
     objects, or ends the array early, are what the checks are for."""
     scan = json.JSONDecoder().scan_once
     chunks = [['{"a": 1}', '{"b": "x", "c": [1, {"d": null}]}', '{}'],
-              ['{"msg": "a},{b"}', '{"k": {"n": 1}, "m": 2}'],     # "}," inside: line by line
+              ['{"msg": "a},{b"}', '{"k": {"n": 1}, "m": [{}, {}]}'],   # "},{": line by line
+              ['{"k": {"n": 1}, "m": 2}', '{"k": [{"n": {}},{}], "m": 3}'],
               ['{"a": [{}', '{}]}'], ['{"a": [{}', '{}]}', '{}, {}'],  # two lines one object
               ['{"a": [{}', '{}]}', '{},{}'], ['{"a": [{}', '{}]}', '{}\t ,\t{}'],
               ['{"a": "x}', '{"b": "y"}'],        # a string that runs on
