@@ -1340,6 +1340,9 @@ def json_chunk(text: str, lines: list, stamps: Stamps) -> tuple | None:
             return None
         if None in converted.values():
             return None     # a value the column cannot use: it goes to fields
+        if all(map(operator.eq, converted, converted.values())):
+            columns.append(values)      # host, program, pid and most levels: as they are
+            continue
         converted[None] = None
         columns.append(list(map(converted.__getitem__, values)))
     fields = None
