@@ -138,6 +138,7 @@ CACHE_KIB = 1024                # SQLite's page cache of the tailer's connection
 ROWS_PER_INSERT = 100           # rows per INSERT statement: 1.1 against 3.2 us a row, one by one
 CHECKPOINT_ROWS = 20_000        # the WAL is checkpointed after this many rows are committed...
 CHECKPOINT_EVERY_S = 1.0        # ...or this long after a commit, whichever comes first
+CHECKPOINT_WAIT_S = 1.0         # the longest a transaction waits for one that restarts the WAL
 
 # SQLite errors that pass: the batch is rolled back and retried later.
 TRANSIENT_SQLITE = {"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN"}
@@ -2562,36 +2563,61 @@ def lock_database(path: str, mode: int) -> int:
 
 
 class Checkpointer:
-    """A thread with a connection of its own that checkpoints the WAL when asked (wanted),
-    so that the tailer's commits never wait for the copy into the database nor its fsync.
-    It runs nothing but PASSIVE checkpoints, which never block the writer or a reader;
-    the tailer's connection truncates the WAL (journal_size_limit) when it restarts it."""
+    """A thread with a connection of its own that checkpoints the WAL when asked, so that
+    the tailer's commits do not wait for the copy into the database nor its fsync. It runs
+    nothing but PASSIVE checkpoints, which never block the writer or a reader.
+
+    A WAL restarts from its start (and is truncated to journal_size_limit) only when the
+    writer begins a transaction with every frame checkpointed, which a writer that never
+    pauses (a catch-up) never does: its WAL would grow as big as all it writes. So once
+    the WAL has grown by WAL_LIMIT_BYTES the tailer's next transaction begins once a
+    checkpoint of all it committed has run (see SqliteStore.begin)."""
 
     def __init__(self, path: str):
         self.path = path
-        self.wanted = threading.Event()
+        self.changed = threading.Condition()
+        self.asked = 0          # checkpoints asked for ...
+        self.done = 0           # ... and the last of them run
+        self.frames = 0         # the WAL's frames after the last one (its log size)
         self.stopping = False
         self.thread = threading.Thread(target=self.run, name="checkpoint", daemon=True)
         self.thread.start()
+
+    def ask(self) -> int:
+        with self.changed:
+            self.asked += 1
+            self.changed.notify_all()
+            return self.asked
+
+    def wait(self, asked: int, timeout: float) -> bool:
+        """Wait (up to timeout) until the checkpoint ask() numbered asked has run."""
+        with self.changed:
+            return self.changed.wait_for(lambda: self.done >= asked, timeout)
 
     def run(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=0)
         try:
             while True:
-                self.wanted.wait()
-                self.wanted.clear()
-                if self.stopping:
-                    return
+                with self.changed:
+                    self.changed.wait_for(lambda: self.asked > self.done or self.stopping)
+                    if self.stopping:
+                        return
+                    asked = self.asked
                 try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    frames = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
                 except sqlite3.Error as exc:    # full, locked: the next one goes further
                     log.debug("checkpoint: %s", exc)
+                    frames = self.frames
+                with self.changed:
+                    self.done, self.frames = asked, frames
+                    self.changed.notify_all()
         finally:
             conn.close()
 
     def close(self) -> None:
-        self.stopping = True
-        self.wanted.set()
+        with self.changed:
+            self.stopping = True
+            self.changed.notify_all()
         self.thread.join()
 
 
@@ -2610,6 +2636,9 @@ class SqliteStore(Store):
         self.added = 0          # rows added since the last checkpoint was asked for
         self.checkpointed_at = None     # the loop's clock then
         self.checkpointer = None
+        self.page_size = PAGE_SIZE
+        self.restart_frames = 0     # the WAL's frames when a restart was last asked for
+        self.restart_asked = None   # that checkpoint, until the next transaction waits for it
 
     @classmethod
     def open(cls, path: str, mode: int = 0o600) -> SqliteStore:
@@ -2666,6 +2695,7 @@ class SqliteStore(Store):
             # connection they took 0.4 us a row of its time (measured); a thread does them.
             conn.execute("PRAGMA wal_autocheckpoint = 0")
             self.checkpointer = Checkpointer(path)
+            self.page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         if version == 0:
             self.run_script(SCHEMA)
         elif version < SCHEMA_VERSION:
@@ -2702,6 +2732,10 @@ class SqliteStore(Store):
         """Begin the transaction at its first write, so that an empty round touches
         nothing; a round's first notes, every MARK_EVERY_S, when its entries are stored."""
         if not self.conn.in_transaction:
+            if self.restart_asked is not None:
+                # Waited for here, not at the commit: meanwhile this core read and parsed.
+                self.checkpointer.wait(self.restart_asked, CHECKPOINT_WAIT_S)
+                self.restart_asked = None
             self.conn.execute("BEGIN IMMEDIATE")
             if self.now is not None and (self.marked_at is None
                                          or self.now - self.marked_at >= MARK_EVERY_S):
@@ -2712,9 +2746,18 @@ class SqliteStore(Store):
         """Ask for a checkpoint once enough rows are committed, or a while after a commit."""
         if self.checkpointer is None:
             return
-        if now is None or self.added >= CHECKPOINT_ROWS or self.checkpointed_at is None \
+        checkpointer = self.checkpointer
+        if checkpointer.frames < self.restart_frames:
+            self.restart_frames = 0     # the WAL restarted
+        if checkpointer.frames - self.restart_frames >= WAL_LIMIT_BYTES // self.page_size:
+            # Once per WAL_LIMIT_BYTES of growth: a reader holding an old snapshot keeps
+            # the WAL from restarting, and the tailer must not wait for it at every commit.
+            self.restart_frames = checkpointer.frames
+            self.restart_asked = checkpointer.ask()
+            self.added, self.checkpointed_at = 0, now
+        elif now is None or self.added >= CHECKPOINT_ROWS or self.checkpointed_at is None \
                 or now - self.checkpointed_at >= CHECKPOINT_EVERY_S:
-            self.checkpointer.wanted.set()
+            checkpointer.ask()
             self.added, self.checkpointed_at = 0, now
 
     def run_script(self, script: str) -> None:

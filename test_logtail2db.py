@@ -978,6 +978,29 @@ def test_a_reader_in_a_transaction_does_not_stop_ingestion(tailer, logdir, db):
     reader.close()
 
 
+def test_a_long_catch_up_keeps_the_wal_small(tailer, logdir, db):
+    """A writer that never pauses never finds every frame checkpointed as it begins a
+    transaction, the moment the WAL restarts: without a wait now and then its WAL grows
+    as big as the database."""
+    lines = 800_000
+    (logdir / "app.log").write_bytes(b"".join(b"%08d plain text that fills the pages of a "
+                                              b"database quickly, line after line\n" % n
+                                              for n in range(lines)))
+    wal = Path(f"{db}-wal")
+    sizes = [0]
+
+    def caught_up() -> bool:
+        sizes.append(wal.stat().st_size if wal.exists() else 0)
+        return query(db, "SELECT count(*) FROM entry_rows")[0][0] == lines if db.exists() \
+            else False
+
+    tailer(ready=False)
+    wait_for(caught_up, 120, "the catch-up", lambda: max(sizes))
+    assert db.stat().st_size > 3 * lt.WAL_LIMIT_BYTES
+    # A restart truncates it to WAL_LIMIT_BYTES; a round's transaction may come on top.
+    assert max(sizes) <= lt.WAL_LIMIT_BYTES + 2 * lt.ROUND_BYTES, max(sizes)
+
+
 # Bad input and faults #########################################################
 
 def fd_count(pid):
