@@ -383,6 +383,31 @@ def test_help_has_an_example():
     assert "examples:" in result.stdout and "--once" in result.stdout
 
 
+@pytest.mark.parametrize("unlocked", [False, True])
+def test_the_command_sets_sqlite_up_without_memory_statistics(unlocked):
+    """unlock_sqlite() reaches the SQLite the sqlite3 module uses: with memory statistics
+    off, SQLite counts no memory in use (set up together with the multi-thread mode, which
+    shows nowhere)."""
+    code = f"""if True:
+        import ctypes, re, sqlite3, sys
+        sys.path.insert(0, {str(HERE)!r})
+        import logtail2db
+        if {unlocked}:
+            logtail2db.unlock_sqlite()
+        conn = sqlite3.connect(":memory:")
+        conn.execute("CREATE TABLE t (a)")
+        conn.executemany("INSERT INTO t VALUES (?)", [("x" * 100,)] * 1000)
+        path, = set(re.findall(r"/\\S*libsqlite3[^/\\s]*", open("/proc/self/maps").read()))
+        library = ctypes.CDLL(path)
+        library.sqlite3_memory_used.restype = ctypes.c_int64
+        print(library.sqlite3_memory_used())
+        """
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert (int(result.stdout) == 0) == unlocked, result.stdout
+
+
 def test_version():
     result = subprocess.run([sys.executable, TOOL, "--version"], capture_output=True, text=True)
     assert result.returncode == 0
