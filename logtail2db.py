@@ -1695,6 +1695,12 @@ def message_span(raw: str, message: str) -> tuple | None:
     at = raw.rfind(message)
     if at >= 0:
         return at + 1, len(message)
+    return quoted_span(raw, message)
+
+
+def quoted_span(raw: str, message: str) -> tuple | None:
+    """message_span() of a message that is not in raw as it is: quoted there, its \\"
+    read as "."""
     if '"' in message and "\\" not in message:
         quoted = message.replace('"', '\\"')
         at = raw.rfind(quoted)
@@ -1720,12 +1726,13 @@ def message_spans(lines: list, messages: list) -> tuple | None:
     where rfind() finds them; the few at a line's end or quoted get message_span()."""
     at = list(map((1).__add__, map(str.rfind, lines, messages)))
     length = list(map(len, messages))
-    for index in itertools.chain(places(at, 0), places(list(map(str.endswith, lines, messages)),
-                                                       True)):
-        span = message_span(lines[index], messages[index])
+    for index in places(at, 0):     # not there as it is (nor at the end, then)
+        span = quoted_span(lines[index], messages[index])
         if span is None:
             return None
         at[index], length[index] = span
+    for index in places(list(map(str.endswith, lines, messages)), True):
+        at[index], length[index] = len(lines[index]) - length[index] + 1, None
     return at, length
 
 
