@@ -138,7 +138,7 @@ CACHE_KIB = 1024                # SQLite's page cache of the tailer's connection
 ROWS_PER_INSERT = 100           # rows per INSERT statement: 1.1 against 3.2 us a row, one by one
 CHECKPOINT_ROWS = 20_000        # the WAL is checkpointed after this many rows are committed...
 CHECKPOINT_EVERY_S = 1.0        # ...or this long after a commit, whichever comes first
-CHECKPOINT_WAIT_S = 1.0         # the longest a transaction waits for one that restarts the WAL
+CHECKPOINT_WAIT_S = 0.5         # the longest a transaction waits for one that restarts the WAL
 
 # SQLite errors that pass: the batch is rolled back and retried later.
 TRANSIENT_SQLITE = {"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN"}
