@@ -642,6 +642,10 @@ PRIORITIES = {  # "<34>" -> (level, facility): one dict lookup for the whole PRI
 MONTHS = {name: number for number, name in enumerate(
     "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), 1)}
 DIGITS = frozenset("0123456789")
+SECONDS = frozenset(f"{second:02d}" for second in range(60))
+THE_MINUTE, THE_COLON, THE_SECONDS = (operator.itemgetter(slice(16)),
+                                      operator.itemgetter(slice(16, 17)),
+                                      operator.itemgetter(slice(17, 19)))
 EPOCH = datetime(1970, 1, 1)
 CACHE_MINUTES = 10_000  # minutes a Stamps remembers before starting over: bounds memory on catch-up
 
@@ -857,6 +861,46 @@ class Stamps:
         if fraction is None:
             return f"{head}:{second}"
         return f"{head}:{second}.{fraction.ljust(6, '0')[:6]}" if 0 < len(fraction) < 10 else None
+
+    def iso_each(self, texts: list) -> list:
+        """[self.iso(text) for text in texts] (the distinct times of a chunk's column), a
+        step for all at once when they are laid out as the first: of its length, with its
+        fraction's length, if any (0.30 against 0.42 us a time, measured). Any other list
+        goes time by time."""
+        first = texts[0]
+        size = len(first)
+        fraction = first[19:20] in (".", ",")
+        zone_at = size - len(first[20:].lstrip("0123456789")) if fraction else 19
+        digits = zone_at - 20
+        if (size < 19 or set(map(len, texts)) != {size} or fraction and not 0 < digits < 10
+                or set(map(THE_COLON, texts)) != {":"}):
+            return list(map(self.iso, texts))
+        if fraction:
+            fractions = list(map(operator.itemgetter(slice(20, zone_at)), texts))
+            if (not set(map(operator.itemgetter(19), texts)) <= {".", ","}
+                    or not all(map(str.isdigit, fractions)) or not all(map(str.isascii, fractions))
+                    or zone_at < size and set(map(operator.itemgetter(zone_at), texts)) & DIGITS):
+                return list(map(self.iso, texts))
+        elif size > 19 and set(map(operator.itemgetter(19), texts)) & {".", ","}:
+            return list(map(self.iso, texts))
+        seconds = list(map(THE_SECONDS, texts))
+        if not set(seconds) <= SECONDS:
+            return list(map(self.iso, texts))
+        keys = list(map(operator.add, map(THE_MINUTE, texts),
+                        map(operator.itemgetter(slice(zone_at, None)), texts)))
+        heads = list(map(self.iso_minutes.get, keys))
+        if None in heads:   # minutes first seen: each converted once
+            for key, text in dict(itertools.compress(zip(keys, texts),
+                                                     map(operator.not_, heads))).items():
+                self.iso_minute(text, key)
+            heads = list(map(self.iso_minutes.get, keys))
+            if None in heads:
+                return list(map(self.iso, texts))
+        if not fraction:
+            return list(map(":".join, zip(heads, seconds)))
+        pad = "0" * (6 - digits)    # none past 6 digits, which are cut to 6
+        return [f"{head}:{second}.{part[:6]}{pad}"
+                for head, second, part in zip(heads, seconds, fractions)]
 
     def iso_minute(self, text: str, key: str) -> str | None:
         """UTC minute text of an ISO timestamp not seen before, remembered under key."""
@@ -1352,7 +1396,12 @@ def json_columns(objs: list, lines: list, stamps: Stamps, plans: dict, keys) -> 
             columns.append(values)
             continue
         try:
-            converted = {value: convert(value) for value in set(values) if value is not None}
+            distinct = set(values)
+            distinct.discard(None)
+            if at == 0 and distinct and set(map(type, distinct)) == {str}:
+                converted = dict(zip(distinct, stamps.iso_each(list(distinct))))
+            else:
+                converted = {value: convert(value) for value in distinct}
         except TypeError:   # an unhashable value (a list, an object): no column takes it
             return None
         if None in converted.values():

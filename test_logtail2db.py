@@ -3886,6 +3886,52 @@ def test_json_plan_reads_objects_as_the_key_by_key_search_does(stamps):
         assert parse_json(line, stamps) == lt._parse_json(json.loads(line), line, stamps), line
 
 
+def test_iso_each_reads_times_as_iso_does(set_zone):
+    """A step for all the times at once where they are alike, and iso() for any other:
+    both read each time as iso() does, cached minutes or not."""
+    set_zone("Europe/Berlin")
+    rng = random.Random(12)
+
+    def stamp() -> str:     # mostly the first of each part's choices, which is usual
+        return "".join(parts[0] if rng.random() < 0.85 else rng.choice(parts) for parts in (
+            ["2026", "2026", "1999", "20x6"], ["-"], ["11", "12", "02", "13"], ["-"],
+            ["24", "30", "29", "07"], ["T", "T", " ", "/"], ["13", "00", "23", "24"], [":"],
+            ["59", "00", "07", "60"], [":"], ["19", "00", "59", "60", "5x", "\u06634"],
+            ["", "", ".5", ".123", ",123456", ".1234567", ".123456789", ".1234567890", ".",
+             ".12\u00b2"],
+            ["Z", "Z", "", "+01:00", "-0530", "+01", "z", "5", "+25:00"]))
+
+    # As long as the first, another layout: a fraction where it has a zone, a zone's
+    # digit where its fraction ends, a digit that is not ASCII.
+    alike = [["2026-11-24T13:59:19+01", "2026-11-24T13:59:19.50"],
+             ["2026-11-24T13:59:19.12Z", "2026-11-24T13:59:19.129"],
+             ["2026-11-24T13:59:19.123Z", "2026-11-24T13:59:19.12\u00b2Z"]]
+    for texts in alike + [texts[::-1] for texts in alike]:
+        alone, each = lt.Stamps(), lt.Stamps()
+        for _ in range(2):
+            assert each.iso_each(texts) == [alone.iso(text) for text in texts], texts
+    at_once = 0
+    for _ in range(3000):
+        base = stamp()
+        texts = list({base[:17] + rng.choice(["19", "00", "59", "07", "60", "5x"]
+                                             if rng.random() < 0.1 else ["19", "00", "59", "07"])
+                      + base[19:] if rng.random() < 0.9 else stamp()
+                      for _ in range(rng.randrange(1, 20))})
+        if rng.random() < 0.5:  # one of them as long, a character past the minute changed
+            text = rng.choice(texts)
+            at = min(len(text) - 1, rng.choice([16, 19, 20, len(text) - 2, len(text) - 1]))
+            texts.append(text[:at] + rng.choice(":.,09Z+-\u00b2\u0663") + text[at + 1:])
+        alone, each = lt.Stamps(), lt.Stamps()
+        for _ in range(2):      # minutes first seen, then cached
+            called = []
+            iso = each.iso
+            each.iso = lambda text: called.append(text) or iso(text)
+            assert each.iso_each(texts) == [alone.iso(text) for text in texts], texts
+            del each.iso
+            at_once += not called
+    assert at_once > 300
+
+
 def test_json_objects_are_each_lines_own_object():
     """Read as one array or line by line, each line's object is the one it is alone; a
     chunk where a line is anything else gets None. The array's joins must not read as
