@@ -1194,6 +1194,13 @@ def json_time(value, stamps: Stamps) -> str | None:
     return stamps.iso(value) if isinstance(value, str) else stamps.epoch(value)
 
 
+def json_times(values: list, stamps: Stamps) -> list:
+    """json_time() of each of a column's distinct values: all at once when all are text."""
+    if values and set(map(type, values)) == {str}:
+        return stamps.iso_each(values)
+    return [json_time(value, stamps) for value in values]
+
+
 def json_level(value) -> str | None:
     """The level of a JSON value: a word, a syslog severity or a pino/bunyan number."""
     if isinstance(value, str):
@@ -1384,8 +1391,9 @@ def json_columns(objs: list, lines: list, stamps: Stamps, plans: dict, keys) -> 
         column_values = lambda at: list(map(dict.get, objs,
                                             map(operator.itemgetter(at), row_plans)))
     columns = []
-    for at, convert in enumerate((lambda value: json_time(value, stamps), json_level, None,
-                                  text_or_none, text_or_none, to_pid)):
+    each = lambda convert: lambda values: list(map(convert, values))
+    for at, convert in enumerate((lambda values: json_times(values, stamps), each(json_level),
+                                  None, each(text_or_none), each(text_or_none), each(to_pid))):
         # A null is as no key: the plans have no other key of the column to look at.
         values = column_values(at)
         if convert is None:     # the message: text, or the line when there is no key
@@ -1398,10 +1406,8 @@ def json_columns(objs: list, lines: list, stamps: Stamps, plans: dict, keys) -> 
         try:
             distinct = set(values)
             distinct.discard(None)
-            if at == 0 and distinct and set(map(type, distinct)) == {str}:
-                converted = dict(zip(distinct, stamps.iso_each(list(distinct))))
-            else:
-                converted = {value: convert(value) for value in distinct}
+            distinct = list(distinct)
+            converted = dict(zip(distinct, convert(distinct)))     # each value converted once
         except TypeError:   # an unhashable value (a list, an object): no column takes it
             return None
         if None in converted.values():
@@ -2849,19 +2855,20 @@ class SqliteStore(Store):
         """Ask for a checkpoint once enough rows are committed, or a while after a commit."""
         if self.checkpointer is None:
             return
-        checkpointer = self.checkpointer
-        if checkpointer.frames < self.restart_frames:
+        frames = self.checkpointer.frames
+        if frames < self.restart_frames:
             self.restart_frames = 0     # the WAL restarted
-        if checkpointer.frames - self.restart_frames >= WAL_LIMIT_BYTES // self.page_size:
-            # Once per WAL_LIMIT_BYTES of growth: a reader holding an old snapshot keeps
-            # the WAL from restarting, and the tailer must not wait for it at every commit.
-            self.restart_frames = checkpointer.frames
-            self.restart_asked = checkpointer.ask()
-            self.added, self.checkpointed_at = 0, now
-        elif now is None or self.added >= CHECKPOINT_ROWS or self.checkpointed_at is None \
-                or now - self.checkpointed_at >= CHECKPOINT_EVERY_S:
-            checkpointer.ask()
-            self.added, self.checkpointed_at = 0, now
+        # Once per WAL_LIMIT_BYTES of growth: a reader holding an old snapshot keeps the
+        # WAL from restarting, and the tailer must not wait for it at every commit.
+        grown = frames - self.restart_frames >= WAL_LIMIT_BYTES // self.page_size
+        if not (grown or now is None or self.added >= CHECKPOINT_ROWS
+                or self.checkpointed_at is None
+                or now - self.checkpointed_at >= CHECKPOINT_EVERY_S):
+            return
+        asked = self.checkpointer.ask()
+        if grown:
+            self.restart_frames, self.restart_asked = frames, asked
+        self.added, self.checkpointed_at = 0, now
 
     def run_script(self, script: str) -> None:
         """A schema script in one transaction: all of it or nothing."""
