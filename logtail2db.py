@@ -39,7 +39,7 @@ The sections, each using only what stands above it:
 One line's way: Tailer.run() -> wait() (select, get_events, dispatch: the name is dirty)
 -> round() -> stored() (one transaction) -> read_round() -> take_events() -> refresh()
 -> read_pending() -> read() (identify() at its position) -> read_chunks() ->
-read_complete() -> EntryBuilder.feed() -> add_rows() -> Store.add(), then
+read_complete() -> EntryBuilder.feed_batch() -> add_batch() -> Store.add_batch(), then
 Tailer.states() -> Store.save() and COMMIT.
 """
 
@@ -1841,6 +1841,17 @@ class EntryBuilder:
 
     def feed(self, data: bytes, offset: int, mtime: float = None) -> list:
         """Rows for the complete lines in data (which starts at offset in its file)."""
+        return self._feed(data, offset, mtime, False)
+
+    def feed_batch(self, data: bytes, offset: int, mtime: float = None) -> tuple:
+        """rows.batch() of feed()'s rows. A chunk of one-line JSON entries, the bulk of a
+        JSON backlog, goes from its columns into the batch with no rows in between."""
+        made = self._feed(data, offset, mtime, True)
+        return self.rows.batch(made) if type(made) is list else made
+
+    def _feed(self, data: bytes, offset: int, mtime, columnar: bool) -> list | tuple:
+        """feed()'s rows, or with columnar the batch of a chunk of JSON lines that
+        rows.json_batch() makes."""
         rows = []
         if self.part is not None:
             # The first line ends an over-long line stored in pieces so far.
@@ -1872,9 +1883,12 @@ class EntryBuilder:
         if fits and self.format == "json" and self.options.pattern is None:
             columns = json_chunk(text, lines, self.stamps)
             if columns is not None:
-                rows.extend(self.rows.json_lines(
-                    self.file_id, itertools.accumulate(sizes[:-1], initial=offset), lines,
-                    *columns))
+                offsets = list(itertools.accumulate(sizes[:-1], initial=offset))
+                if columnar and not rows:
+                    batch = self.rows.json_batch(self.file_id, offsets, lines, *columns)
+                    if batch is not None:
+                        return batch
+                rows.extend(self.rows.json_lines(self.file_id, offsets, lines, *columns))
                 return rows
         texts = lines if all_text else [_readable(line) for line in lines]
         if self.piece is not None:
@@ -2498,6 +2512,20 @@ def entries(rows, file_id: int, offsets, lines: list, ts, host, program, pid, le
             in zip(offsets, lines, spans, zip(ts, host, program, pid, level, fields, messages))]
 
 
+def json_row_columns(lines: list, ts, host, program, pid, level, fields, messages):
+    """The columns after file_id and offset of SQLite's rows of json_chunk()'s entries
+    when they all have one shape, made column by column: when no line has fields and
+    every message is found in its line. None when they do not."""
+    spans = message_spans(lines, messages) if fields is None else None
+    if spans is None:
+        return None
+    if "" in host:
+        host = [value or None for value in host]
+    if "" in program:
+        program = [value or None for value in program]
+    return [ts, host, program, pid, level, lines, *spans]
+
+
 class SqliteRows:
     """Entries as rows of INSERT_ROW's shapes (see EntryBuilder for the arguments), and
     rows as the batches SqliteStore.add_batch() inserts."""
@@ -2551,22 +2579,32 @@ class SqliteRows:
                 in zip(offsets, lines, found)]
 
     @classmethod
-    def json_lines(cls, file_id: int, offsets, lines: list, ts, host, program, pid, level,
-                   fields, messages) -> list:
+    def json_lines(cls, file_id: int, offsets: list, lines: list, *columns) -> list:
         """Rows of one-line entries from json_chunk()'s columns, storing what entry()'s
-        rows of what parse_json() reads store: made column by column, all of one shape,
-        when no line has fields and every message is found in its line (a test holds
-        the two to each other)."""
-        spans = message_spans(lines, messages) if fields is None else None
-        if spans is None:
-            return entries(cls, file_id, offsets, lines, ts, host, program, pid, level,
-                           fields, messages, list(map(message_span, lines, messages)))
-        if "" in host:
-            host = [value or None for value in host]
-        if "" in program:
-            program = [value or None for value in program]
-        return list(zip(itertools.repeat(file_id), offsets, ts, host, program, pid, level,
-                        lines, *spans))
+        rows of what parse_json() reads store (a test holds the two to each other)."""
+        same = json_row_columns(lines, *columns)
+        if same is None:
+            return entries(cls, file_id, offsets, lines, *columns,
+                           list(map(message_span, lines, columns[-1])))
+        return list(zip(itertools.repeat(file_id), offsets, *same))
+
+    @staticmethod
+    def json_batch(file_id: int, offsets: list, lines: list, *columns) -> tuple | None:
+        """batch() of json_lines()'s rows when json_row_columns() makes them, laid out by
+        slice assignment straight from the columns: 0.09 against 0.25 us a row for
+        making the rows and then the batch (measured). None when it does not."""
+        same = json_row_columns(lines, *columns)
+        if same is None:
+            return None
+        same = [offsets, *same]
+        count, size = len(lines), len(same) + 1
+        whole = count - count % ROWS_PER_INSERT
+        flat = [file_id] * (whole * size)
+        for at, column in enumerate(same, 1):
+            flat[at::size] = column[:whole] if whole < count else column
+        step = size * ROWS_PER_INSERT
+        return (count, size, [flat[at:at + step] for at in range(0, len(flat), step)],
+                list(zip(itertools.repeat(file_id), *(column[whole:] for column in same))))
 
 
 FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device",
@@ -3786,6 +3824,10 @@ class PgRows:
         return entries(self, file_id, offsets, lines, *columns,
                        list(map(message_span, lines, columns[-1])))
 
+    @staticmethod
+    def json_batch(*_) -> None:
+        return None     # COPY text is made of rows, whatever made them
+
     def entry(self, file_id, offset, parsed, raw, message, msg_at, msg_len, part):
         if msg_len is not None:     # a part of raw (message_span()): the view reads tails only
             message = raw[msg_at - 1:msg_at - 1 + abs(msg_len)]
@@ -4337,7 +4379,7 @@ def _parse_run(sock, sender: FrameSender, fd: int, request, options, stamps, row
         data, end, _ = read_complete(fd, pos, min(READ_CHUNK, st.st_size - pos))
         if not data:
             return      # a line without its newline yet, or an over-long one
-        batch = rows.batch(list(builder.feed(data, pos, st.st_mtime)))
+        batch = builder.feed_batch(data, pos, st.st_mtime)
         sender.send(("rows", batch, end, builder.format, builder.part, builder.held))
         pos = end
 
@@ -5563,7 +5605,7 @@ class Tailer:
         while used < budget and t.pos < st.st_size and not self.cut_short():
             data, end, rest = read_complete(t.fd, t.pos, window)
             if data:
-                self.add_rows(t, t.builder.feed(data, t.pos, st.st_mtime))
+                self.add_batch(t, t.builder.feed_batch(data, t.pos, st.st_mtime))
             elif len(rest) >= self.parse_options.max_entry_bytes:
                 data = self.read_piece(t, rest)
                 end = t.pos + len(data)

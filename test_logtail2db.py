@@ -4041,6 +4041,39 @@ def test_json_chunk_makes_the_rows_line_by_line_parsing_makes(stamps, rows, monk
     assert len(by_columns) > 100     # many chunks without fields: rows made column by column
 
 
+@pytest.mark.parametrize("rows", [lt.SqliteRows, lt.PgRows(7)], ids=["sqlite", "pg"])
+def test_a_json_chunks_batch_is_the_batch_of_its_rows(stamps, rows, monkeypatch):
+    rng = random.Random(15)
+    messages = ["text", "", "caf\u00e9", 'say "hi"', "ends in web-01", "web-01"]
+
+    def line(odd: bool) -> str:
+        obj = {"time": "2026-11-24T13:59:19Z", "level": rng.choice(["info", "WARN"]),
+               "host": rng.choice(["web-01", ""]), "pid": rng.choice([1234, None]),
+               "msg": rng.choice(messages)}
+        if odd and rng.random() < 0.05:
+            obj["other"] = 1    # fields: rows made one by one
+        return json.dumps(obj, ensure_ascii=odd) + "\n"    # "caf\\u00e9": not in its line
+
+    options = lt.ParseOptions("json", None, None, 1 << 20, 1000)
+    columnar = []
+    json_batch = rows.json_batch
+    monkeypatch.setattr(rows, "json_batch", lambda *args: columnar.append(json_batch(*args))
+                        or columnar[-1])
+    offset = 0
+    for count in [1, 7, 99, 100, 101, 200, 250, 333, 1000, *rng.sample(range(1, 700), 30)]:
+        odd = rng.random() < 0.2
+        data = "".join(line(odd) for _ in range(count)).encode()
+        made = lt.EntryBuilder(1, options, stamps, rows).feed_batch(data, offset)
+        assert made == rows.batch(lt.EntryBuilder(1, options, stamps, rows).feed(data, offset))
+        assert made[0] == count
+        offset += len(data)
+    made = [batch for batch in columnar if batch is not None]
+    if rows is lt.SqliteRows:   # most chunks went from columns to their batch, of every count
+        assert len(made) > 20 and {0, 1, 33} <= {batch[0] % 100 for batch in made}
+    else:
+        assert not made         # COPY text is made of the rows
+
+
 def copy_fields(data: bytes) -> list:
     """COPY text format read back: rows of fields, None for NULL (the server's reading)."""
     unescape = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
