@@ -16,7 +16,9 @@ status is 0. MB are 10^6 bytes. The measurements (NAME for --only):
              loader (executemany, 10k rows per transaction, WAL) of the syslog bytes. Each
              ratio row divides a catch-up's lines/s by a floor's, the floor beside it. Also
              peak RSS (ru_maxrss from wait4: the larger of the tool and the parse worker it
-             reaped, not their sum), CPU seconds, and DB size (.db plus -wal) per log byte.
+             reaped, not their sum), CPU seconds, minor page faults (ru_minflt: memory
+             the kernel had to provide, each page zeroed; a VM that returns freed memory
+             to its host provides it again too), and DB size (.db plus -wal) per log byte.
              Each catch-up and floor is the fastest of 3 tries on a fresh DB (every try's
              time in its note; peak RSS the largest of them).
   stop       the daemon (not --once) on one file of 1,000,000 numbered syslog lines: SIGTERM
@@ -131,7 +133,7 @@ SEQ_RE = re.compile(r"seq=([0-9]+)")
 LETTERS = bytes(b"abcdefghijklmnopqrstuvwxyz0123456789 "[i % 37] for i in range(256))
 
 # One timed run; tries: the seconds of every try when it is the best of several (best_of()).
-Run = collections.namedtuple("Run", "seconds rss_mb cpu_s tries", defaults=((),))
+Run = collections.namedtuple("Run", "seconds rss_mb cpu_s faults tries", defaults=((),))
 Stop = collections.namedtuple("Stop", "seconds status rows mismatch first_rows_s")  # a trial
 # A line of the table: one figure, and the target for it if it has one.
 Row = collections.namedtuple("Row", "name value unit note target", defaults=(None,))
@@ -292,7 +294,8 @@ def run_measured(cmd: list, stdin=subprocess.DEVNULL) -> Run:
             err.seek(0)
             raise BenchError(f"`{shlex.join(map(str, cmd))}` exited {proc.returncode} after "
                              f"{seconds:.1f} s: {tail(err.read())}")
-    return Run(seconds, usage.ru_maxrss * 1024 / MB, usage.ru_utime + usage.ru_stime)
+    return Run(seconds, usage.ru_maxrss * 1024 / MB, usage.ru_utime + usage.ru_stime,
+               usage.ru_minflt)
 
 
 def best_of(tries: int, once) -> Run:
@@ -459,8 +462,8 @@ def rate_note(run: Run, lines: int, size: int) -> str:
     if len(run.tries) > 1:
         tries = (f", best of {len(run.tries)} "
                  f"({', '.join(f'{seconds:.2f}' for seconds in sorted(run.tries))} s)")
-    return (f"{run.seconds:.2f} s, {size / MB / run.seconds:.1f} MB/s, CPU {run.cpu_s:.1f} s"
-            + tries)
+    return (f"{run.seconds:.2f} s, {size / MB / run.seconds:.1f} MB/s, CPU {run.cpu_s:.1f} s, "
+            f"{run.faults / lines * 1000:.0f} page faults per 1,000 lines" + tries)
 
 
 def import_row(label: str, floor: Run | None, db: pathlib.Path, lines: int, size: int) -> Row:
