@@ -19,8 +19,9 @@ status is 0. MB are 10^6 bytes. The measurements (NAME for --only):
              reaped, not their sum), CPU seconds, minor page faults (ru_minflt: memory
              the kernel had to provide, each page zeroed; a VM that returns freed memory
              to its host provides it again too), and DB size (.db plus -wal) per log byte.
-             Each catch-up and floor is the fastest of 3 tries on a fresh DB (every try's
-             time in its note; peak RSS the largest of them).
+             Each catch-up and floor is the fastest of 5 tries on a fresh DB (every try's
+             time in its note; peak RSS the largest of them), run in 5 rounds of one try
+             of each, so that a slow stretch of the machine slows one try of each.
   stop       the daemon (not --once) on one file of 1,000,000 numbered syslog lines: SIGTERM
              at a seeded random moment 0.3-3 s after its first rows, then the time from the
              signal to its exit; 20 trials, each on a fresh DB. After each: the rows stored
@@ -60,6 +61,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import json
 import math
 import operator
@@ -84,9 +86,9 @@ TOOL = pathlib.Path(__file__).resolve().parent.parent / "logtail2db.py"   # --to
 REPO_VENV_PYTHON = TOOL.parent / ".venv" / "bin" / "python"  # pg's interpreter, if this lacks a driver
 MEASUREMENTS = ("catchup", "stop", "latency", "lone", "idle", "longline", "manyfiles", "pg")
 FULL = {"lines": 1_000_000, "latency_s": 10.0, "idle_s": 10.0, "line_mb": 200, "files": 10_000,
-        "stop_trials": 20, "lone_lines": 20, "tries": 3}
+        "stop_trials": 20, "lone_lines": 20, "tries": 3, "rounds": 5}
 QUICK = {"lines": 100_000, "latency_s": 2.0, "idle_s": 3.0, "line_mb": 20, "files": 1_000,
-         "stop_trials": 5, "lone_lines": 5, "tries": 1}
+         "stop_trials": 5, "lone_lines": 5, "tries": 1, "rounds": 1}
 SEED = 20261124
 START_EPOCH = 1795392000        # 2026-11-23 00:00:00 UTC: the corpus's first timestamp
 CATCHUP_FILES = 4
@@ -309,6 +311,32 @@ def best_of(tries: int, once) -> Run:
                          tries=tuple(run.seconds for run in runs))
 
 
+def best_of_rounds(tries: int, subjects: dict) -> dict:
+    """best_of() for each of SUBJECTS (name: ONCE), run in TRIES rounds of one try of each,
+    so that a stretch of the machine running slow falls on one try of every subject rather
+    than on every try of one: CPU time itself of one catch-up swung from 4.6 to 7.5 s on
+    the developer VM (measured), and a ratio compares two subjects. A subject that fails is
+    its BenchError, and is not tried again."""
+    runs = {name: [] for name in subjects}
+    failed = {}
+    for _ in range(tries):
+        for name, once in subjects.items():
+            if name not in failed:
+                try:
+                    runs[name].append(once())
+                except BenchError as exc:
+                    failed[name] = exc
+    best = {}
+    for name, made in runs.items():
+        if name in failed:
+            best[name] = failed[name]
+            continue
+        fastest = min(made, key=operator.attrgetter("seconds"))
+        best[name] = fastest._replace(rss_mb=max(run.rss_mb for run in made),
+                                      tries=tuple(run.seconds for run in made))
+    return best
+
+
 def fresh(db: pathlib.Path) -> pathlib.Path:
     """DB with no file left of a try before (nor its WAL and shared memory)."""
     for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
@@ -484,7 +512,7 @@ def ratio_row(name: str, run: Run | None, base: Run | None, lines: int, base_nam
                 f"{base_name}: {lines / base.seconds:,.0f} lines/s{extra}", target)]
 
 
-def measure_catchup(work: pathlib.Path, tool: pathlib.Path, lines: int, tries: int) -> list:
+def measure_catchup(work: pathlib.Path, tool: pathlib.Path, lines: int, rounds: int) -> list:
     syslog_dir, json_dir = work / "catchup-syslog", work / "catchup-json"
     progress(f"catch-up: writing {lines:,} lines as syslog and as JSON lines")
     make_catchup_corpus(syslog_dir, json_dir, lines)
@@ -496,36 +524,53 @@ def measure_catchup(work: pathlib.Path, tool: pathlib.Path, lines: int, tries: i
 
     # Each corpus has its own floor: JSON lines are longer, so the same count costs more to
     # store even without parsing; the JSON ratio to its own floor says what parsing costs.
-    floors, cli = {}, shutil.which("sqlite3")
-    for label, directory, size, fmt in (("syslog", syslog_dir, syslog_size, "syslog"),
-                                        ("JSON lines", json_dir, json_size, "json")):
-        progress(f"catch-up: floor, sqlite3 .import of the {label} corpus")
-        db = work / f"floor-import-{fmt}.db"
-        floors[fmt] = None if cli is None else best_of(  # None: its rows say why
-            tries, lambda: import_floor(cli, directory, fresh(db)))
-        rows.append(import_row(label, floors[fmt], db, lines, size))
-    progress("catch-up: floor, Python executemany")
-    floor_python = best_of(tries, lambda: run_measured(
-        [sys.executable, __file__, "--python-floor", str(syslog_dir),
-         str(fresh(work / "floor-python.db"))]))
+    cli = shutil.which("sqlite3")
+    corpora = {"syslog": ("syslog", syslog_dir, syslog_size),
+               "json": ("JSON lines", json_dir, json_size)}
+    catchups = (("syslog (parsed)", syslog_dir, syslog_size, "syslog"),
+                ("plain", syslog_dir, syslog_size, "plain"),
+                ("JSON lines", json_dir, json_size, "json"))
+
+    def on_fresh(db: pathlib.Path, start):
+        return lambda: start(fresh(db))
+
+    subjects = {}
+    if cli is not None:
+        for fmt, (_, directory, _) in corpora.items():
+            subjects["import", fmt] = on_fresh(work / f"floor-import-{fmt}.db",
+                                               functools.partial(import_floor, cli, directory))
+    subjects["python", None] = on_fresh(work / "floor-python.db", lambda db: run_measured(
+        [sys.executable, __file__, "--python-floor", str(syslog_dir), str(db)]))
+    for _, directory, _, fmt in catchups:
+        subjects["catchup", fmt] = on_fresh(
+            work / f"catchup-{fmt}.db",
+            lambda db, directory=directory, fmt=fmt: time_once(tool, directory, db,
+                                                                "--format", fmt))
+    progress(f"catch-up: {rounds} round(s) of: sqlite3 .import of each corpus, the Python "
+             "floor, --once --format syslog, plain and json")
+    best = best_of_rounds(rounds, subjects)
+    for (what, _), run in best.items():
+        if isinstance(run, BenchError) and what != "catchup":
+            raise run       # a floor that fails is the bench's own fault
+
+    floors = {}
+    for fmt, (label, directory, size) in corpora.items():
+        floors[fmt] = best.get(("import", fmt))     # None without the CLI: its rows say why
+        rows.append(import_row(label, floors[fmt], work / f"floor-import-{fmt}.db", lines,
+                               size))
+    floor_python = best["python", None]
     rows.append(Row("floor: Python executemany, syslog", lines / floor_python.seconds, "lines/s",
                     rate_note(floor_python, lines, syslog_size)
                     + f", peak RSS {floor_python.rss_mb:.0f} MB"
                     + rows_note(count_rows(work / "floor-python.db", "lines"), lines)))
 
     runs, sizes = {}, {}
-    catchups = (("syslog (parsed)", syslog_dir, syslog_size, "syslog"),
-                ("plain", syslog_dir, syslog_size, "plain"),
-                ("JSON lines", json_dir, json_size, "json"))
     for label, directory, size, fmt in catchups:
-        progress(f"catch-up: --once --format {fmt}")
-        db = work / f"catchup-{fmt}.db"
-        try:
-            run = runs[fmt] = best_of(tries, lambda: time_once(tool, directory, fresh(db),
-                                                               "--format", fmt))
-        except BenchError as exc:
-            rows.append(Row(f"catch-up {label}", "FAILED", "", str(exc)))
+        run, db = best["catchup", fmt], work / f"catchup-{fmt}.db"
+        if isinstance(run, BenchError):
+            rows.append(Row(f"catch-up {label}", "FAILED", "", str(run)))
             continue
+        runs[fmt] = run
         sizes[fmt] = db_bytes(db)
         rows.append(Row(f"catch-up {label}", lines / run.seconds, "lines/s",
                         f"{rate_note(run, lines, size)}, peak RSS {run.rss_mb:.0f} MB"
@@ -1359,7 +1404,7 @@ def main(argv=None) -> int:
     started, cpu_before = time.monotonic(), cpu_use()
     work = pathlib.Path(tempfile.mkdtemp(prefix="logtail2db-bench-"))
     steps = {
-        "catchup": lambda: measure_catchup(work, tool, lines, scale["tries"]),
+        "catchup": lambda: measure_catchup(work, tool, lines, scale["rounds"]),
         "stop": lambda: measure_stop(work, tool, scale["stop_trials"]),
         "latency": lambda: (measure_latency(work, tool, False, scale["latency_s"])
                             + measure_latency(work, tool, True, scale["latency_s"])),
