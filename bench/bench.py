@@ -1295,10 +1295,23 @@ def header(tool: pathlib.Path, elapsed_s: float, others: str) -> list:
     return [f"tool:    {(version.stdout or version.stderr).strip()}, {tool}",
             f"machine: {os.cpu_count()} CPUs, {platform.system()} {platform.release()} "
             f"{platform.machine()}, load {os.getloadavg()[0]:.2f}; {others}",
-            f"python:  {platform.python_version()}, SQLite {sqlite3.sqlite_version} (module), "
-            f"sqlite3 CLI {cli_version}",
+            f"python:  {platform.python_version()} ({interpreter()}), SQLite "
+            f"{sqlite3.sqlite_version} (module), sqlite3 CLI {cli_version}",
             f"sockets: {socket_buffers()}",
             f"run:     {elapsed_s:.0f} s, seed {SEED}"]
+
+
+def interpreter() -> str:
+    """sys.executable, which runs the tool too, and how it has libpython: Debian's
+    /usr/bin/python3 (libpython linked in) ran the catch-ups 10 to 18% faster than a
+    build with --enable-shared and without --enable-optimizations (pyenv's default) on
+    the same machine (measured), so the figures depend on which one runs the bench."""
+    try:
+        with open("/proc/self/maps") as maps:
+            shared = any("/libpython" in line for line in maps)
+    except OSError:
+        return sys.executable
+    return f"{sys.executable}, libpython {'shared' if shared else 'linked in'}"
 
 
 def socket_buffers() -> str:
