@@ -2725,8 +2725,7 @@ def steady_malloc() -> None:
     glibc's own adjusting of both. Nothing happens where there is no mallopt() (it is
     glibc's; musl's does nothing)."""
     try:
-        import ctypes
-        libc = ctypes.CDLL(None)
+        libc = _load_libc()
         libc.mallopt(M_MMAP_THRESHOLD, MALLOC_KEPT_BYTES)
         libc.mallopt(M_TRIM_THRESHOLD, MALLOC_KEPT_BYTES)
     except (OSError, AttributeError, ImportError) as exc:
