@@ -104,7 +104,9 @@ STOP_BUDGET_S = 0.5             # time given to the last reads and commits after
 STOP_ROUND_BYTES = 1 << 20      # ...each of this many bytes, so that the last one ends soon
 DETACHED_POLL_S = 0.25          # a renamed-away or deleted file gets no events: poll it
 ROTATE_WAIT_S = 5.0             # ...until it has been quiet this long, then close it
-DIR_RETRY_S = 1.0               # how often a vanished DIRECTORY is looked for
+DIR_RETRY_S = 1.0               # how often a vanished DIRECTORY is looked for, at most...
+DIR_FIRST_RETRY_S = 0.05        # ...first this soon, then twice as late each time: one
+                                # replaced at once (rm -r, mkdir) is followed at once
 RECONCILE_S = 60                # a full rescan this often: a backstop for missed events
 DEFAULT_POLL_S = 1.0            # --poll interval when inotify cannot be had
 HOLD_S = 0.25                   # a last multi-line entry is complete after this much quiet:
@@ -4759,7 +4761,8 @@ class Directory:
         self.options = options
         self.inotify_fd = self.wd = None
         self.poll_s = options.poll
-        self.missing = False    # deleted or moved away: looked for every DIR_RETRY_S
+        self.missing = False    # deleted or moved away: looked for again and again
+        self.retry_s = DIR_FIRST_RETRY_S    # how long until the next look, while missing
         self.identity = self.stat()     # (st_dev, st_ino) of the directory followed
         self.suspect = False    # names were created or deleted: is it still the same one?
         self.rescan_at = 0.0
@@ -4924,7 +4927,8 @@ class Directory:
                     pass    # the target is gone, and its watch with it
 
     def lose(self, now: float) -> None:
-        """DIRECTORY was deleted or moved away: look for it again every DIR_RETRY_S."""
+        """DIRECTORY was deleted or moved away: look for it again at once, then ever less
+        often, down to every DIR_RETRY_S."""
         log.warning("%s vanished; waiting for it to come back", shown(self.path))
         self.missing = True
         if self.wd is not None:
@@ -4933,7 +4937,8 @@ class Directory:
             except OSError:
                 pass    # the kernel already dropped the watch (IN_IGNORED after a deletion)
             self.wd = None
-        self.rescan_at = now + DIR_RETRY_S
+        self.retry_s = DIR_FIRST_RETRY_S
+        self.rescan_at = now    # one replaced at once is there already
 
     def find(self, now: float) -> None:
         try:
@@ -4942,7 +4947,8 @@ class Directory:
             elif not stat.S_ISDIR(os.stat(self.path).st_mode):
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory")
         except OSError:
-            self.rescan_at = now + DIR_RETRY_S
+            self.rescan_at = now + self.retry_s
+            self.retry_s = min(2 * self.retry_s, DIR_RETRY_S)
             return
         log.warning("%s is back; following it again", shown(self.path))
         self.identity = self.stat()
@@ -5137,7 +5143,6 @@ class Tailer:
         if not self.directory.missing and (self.directory.suspect or self.detached):
             if self.directory.replaced():
                 self.lose_directory(now)
-                self.directory.rescan_at = now      # look for the new one at once
         if self.directory.missing and now >= self.directory.rescan_at:
             self.directory.find(now)
         self.stored(now, lambda: self.read_round(now))

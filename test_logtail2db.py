@@ -1249,6 +1249,22 @@ def test_directory_removed_and_created_again(tailer, logdir, db):
              lambda: raws(db))
 
 
+def test_directory_back_soon_is_followed_soon(tailer, logdir, db):
+    daemon = tailer()
+    wait_for(lambda: "watching" in daemon.stderr, 10, "the start", lambda: daemon.stderr)
+    logdir.rmdir()      # no file of it open: the watch goes at once
+    wait_for(lambda: "vanished" in daemon.stderr, 10, "a warning", lambda: daemon.stderr)
+    logdir.mkdir()
+    back = time.monotonic()
+    wait_for(lambda: "is back" in daemon.stderr, 10, "the directory found again",
+             lambda: daemon.stderr)
+    # Looked for at once, then ever less often: not a whole DIR_RETRY_S after it vanished.
+    assert time.monotonic() - back < lt.DIR_RETRY_S / 2
+    append(logdir / "b.log", b"after\n")
+    wait_for(lambda: raws(db) == [b"after"], 10, "a line in the new directory",
+             lambda: raws(db))
+
+
 def test_directory_replaced_at_once_is_followed_within_a_second(tailer, logdir, db):
     daemon = tailer()
     append(logdir / "a.log", b"before\n")
