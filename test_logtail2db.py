@@ -1016,10 +1016,13 @@ def test_a_long_catch_up_keeps_the_wal_small(tailer, logdir, db):
 
     def caught_up() -> bool:
         sizes.append(wal.stat().st_size if wal.exists() else 0)
-        return query(db, "SELECT count(*) FROM entry_rows") == [(lines,)]
+        # A reader's snapshot keeps the WAL from restarting while it lasts: max(id) reads
+        # one page, where count(*) would read them all and let the WAL grow meanwhile.
+        return query(db, "SELECT max(id) FROM entry_rows") == [(lines,)]
 
     tailer(ready=False)
     wait_for(caught_up, 120, "the catch-up", lambda: max(sizes))
+    assert query(db, "SELECT count(*) FROM entry_rows") == [(lines,)]
     assert db.stat().st_size > 3 * lt.WAL_LIMIT_BYTES
     # A restart truncates it to WAL_LIMIT_BYTES; a round's transaction may come on top.
     assert max(sizes) <= lt.WAL_LIMIT_BYTES + 2 * lt.ROUND_BYTES, max(sizes)
@@ -4734,14 +4737,22 @@ def test_pg_password_never_shows(pg, logdir, tmp_path):
 
 @pytest.mark.parametrize("pg", PG_DRIVERS, indirect=True)
 def test_pg_permanent_faults_exit_1_with_one_line(pg, pg_server, logdir):
+    def fault_lines(result) -> list:
+        """The lines of a permanent fault, after any of a fault that passed (a server short
+        of connections while the suite loads it), which is retried."""
+        lines = result.stderr.decode().splitlines()
+        return [line for line in lines if not line.endswith("retrying until it works")]
+
     missing = pg_server.url("no_such_database")
     result = pg_once(pg, logdir, url=missing)
-    assert result.returncode == 1
-    assert result.stderr.decode().count("\n") == 1 and b"does not exist" in result.stderr
+    assert result.returncode == 1, result.stderr
+    lines = fault_lines(result)
+    assert len(lines) == 1 and "does not exist" in lines[0], result.stderr
     pg.query("CREATE TABLE files (x int)")
     result = pg_once(pg, logdir)
-    assert result.returncode == 1
-    assert b"another program" in result.stderr and result.stderr.decode().count("\n") == 1
+    assert result.returncode == 1, result.stderr
+    lines = fault_lines(result)
+    assert len(lines) == 1 and "another program" in lines[0], result.stderr
     assert pg.query("SELECT tablename FROM pg_tables WHERE schemaname = 'public'") == \
         [("files",)]
 
