@@ -140,7 +140,8 @@ CACHE_KIB = 1024                # SQLite's page cache of the tailer's connection
 ROWS_PER_INSERT = 100           # rows per INSERT statement: 1.1 against 3.2 us a row, one by one
 CHECKPOINT_ROWS = 20_000        # the WAL is checkpointed after this many rows are committed...
 CHECKPOINT_EVERY_S = 1.0        # ...or this long after a commit, whichever comes first
-CHECKPOINT_WAIT_S = 0.5         # the longest a transaction waits for one that restarts the WAL
+CHECKPOINT_WAIT_S = 0.5         # how long a transaction waits for one that restarts the WAL
+                                # (then begins; the next one waits again while it runs)
 
 # SQLite errors that pass: the batch is rolled back and retried later.
 TRANSIENT_SQLITE = {"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN"}
@@ -2810,7 +2811,7 @@ class SqliteStore(Store):
         self.checkpointer = None
         self.page_size = PAGE_SIZE
         self.restart_frames = 0     # the WAL's frames when a restart was last asked for
-        self.restart_asked = None   # that checkpoint, until the next transaction waits for it
+        self.restart_asked = None   # that checkpoint, until a transaction has seen it run
 
     @classmethod
     def open(cls, path: str, mode: int = 0o600) -> SqliteStore:
@@ -2904,9 +2905,11 @@ class SqliteStore(Store):
         """Begin the transaction at its first write, so that an empty round touches
         nothing; a round's first notes, every MARK_EVERY_S, when its entries are stored."""
         if not self.conn.in_transaction:
-            if self.restart_asked is not None:
-                # Waited for here, not at the commit: meanwhile this core read and parsed.
-                self.checkpointer.wait(self.restart_asked, CHECKPOINT_WAIT_S)
+            # Waited for here, not at the commit: meanwhile this core read and parsed. Until
+            # it has run, each transaction waits a while again: a disk slower than the
+            # tailer slows the tailer down rather than let the WAL grow.
+            if self.restart_asked is not None and self.checkpointer.wait(
+                    self.restart_asked, CHECKPOINT_WAIT_S):
                 self.restart_asked = None
             self.conn.execute("BEGIN IMMEDIATE")
             if self.now is not None and (self.marked_at is None
