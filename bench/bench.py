@@ -305,7 +305,11 @@ def best_of(tries: int, once) -> Run:
     of them all and every try's seconds. Others sharing the machine only ever slow a run: one
     catch-up alone took 1.5 to 2.2 s (measured), so a single try makes a ratio of two runs
     swing by a third, while the least of three repeats within a few percent."""
-    runs = [once() for _ in range(tries)]
+    return fastest([once() for _ in range(tries)])
+
+
+def fastest(runs: list) -> Run:
+    """The fastest of runs, with the peak RSS of them all and every run's seconds."""
     best = min(runs, key=operator.attrgetter("seconds"))
     return best._replace(rss_mb=max(run.rss_mb for run in runs),
                          tries=tuple(run.seconds for run in runs))
@@ -326,15 +330,8 @@ def best_of_rounds(tries: int, subjects: dict) -> dict:
                     runs[name].append(once())
                 except BenchError as exc:
                     failed[name] = exc
-    best = {}
-    for name, made in runs.items():
-        if name in failed:
-            best[name] = failed[name]
-            continue
-        fastest = min(made, key=operator.attrgetter("seconds"))
-        best[name] = fastest._replace(rss_mb=max(run.rss_mb for run in made),
-                                      tries=tuple(run.seconds for run in made))
-    return best
+    return {name: failed[name] if name in failed else fastest(made)
+            for name, made in runs.items()}
 
 
 def fresh(db: pathlib.Path) -> pathlib.Path:
