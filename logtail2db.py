@@ -39,7 +39,7 @@ The sections, each using only what stands above it:
 One line's way: Tailer.run() -> wait() (select, get_events, dispatch: the name is dirty)
 -> round() -> stored() (one transaction) -> read_round() -> take_events() -> refresh()
 -> read_pending() -> read() (identify() at its position) -> read_chunks() ->
-read_complete() -> EntryBuilder.feed_batch() -> add_batch() -> Store.add_batch(), then
+read_lines() -> EntryBuilder.feed_batch() -> add_batch() -> Store.add_batch(), then
 Tailer.states() -> Store.save() and COMMIT.
 """
 
@@ -88,7 +88,10 @@ log = logging.getLogger("logtail2db")
 
 # Constants and errors #########################################################
 
-READ_CHUNK = 1 << 20            # bytes per pread(); a chunk's lines are parsed together
+# Bytes per pread(); a chunk's lines are parsed together. Small enough that a chunk's
+# text, lines and objects stay in a core's cache while they are walked over several
+# times: 1 MiB chunks parsed 20-25% slower (measured), and a longer line is read whole.
+READ_CHUNK = 256 << 10
 ROUND_BYTES = 8 << 20           # bytes read per loop round before committing and looking at signals
 FINGERPRINT_BYTES = 1024        # first bytes kept per file to tell a reused inode from the same file
 RESUME_CHECK_BYTES = 4096       # bytes before the offset whose hash is checked before resuming
@@ -550,6 +553,15 @@ def read_complete(fd: int, offset: int, size: int = READ_CHUNK):
     chunk = os.pread(fd, size, offset)
     cut = chunk.rfind(b"\n") + 1
     return chunk[:cut], offset + cut, chunk[cut:]
+
+
+def read_lines(fd: int, offset: int, window: int, size: int = READ_CHUNK):
+    """read_complete() of size bytes, or of window bytes when no line ends within size:
+    a chunk is READ_CHUNK, a line may be as long as window."""
+    data, end, rest = read_complete(fd, offset, size)
+    if not data and len(rest) == size < window:
+        data, end, rest = read_complete(fd, offset, window)
+    return data, end, rest
 
 
 def last_line_end(fd: int, size: int) -> int:
@@ -4404,7 +4416,9 @@ def _parse_run(sock, sender: FrameSender, fd: int, request, options, stamps, row
         if select.select([sock], [], [], 0)[0]:
             receive_request(sock)       # the "stop" that ends the run early
             return
-        data, end, _ = read_complete(fd, pos, min(READ_CHUNK, st.st_size - pos))
+        left = st.st_size - pos
+        data, end, _ = read_lines(fd, pos, min(max(READ_CHUNK, options.max_entry_bytes), left),
+                                  min(READ_CHUNK, left))
         if not data:
             return      # a line without its newline yet, or an over-long one
         batch = builder.feed_batch(data, pos, st.st_mtime)
@@ -5634,7 +5648,7 @@ class Tailer:
         used = 0
         window = max(READ_CHUNK, self.parse_options.max_entry_bytes)
         while used < budget and t.pos < st.st_size and not self.cut_short():
-            data, end, rest = read_complete(t.fd, t.pos, window)
+            data, end, rest = read_lines(t.fd, t.pos, window)
             if data:
                 self.add_batch(t, t.builder.feed_batch(data, t.pos, st.st_mtime))
             elif len(rest) >= self.parse_options.max_entry_bytes:

@@ -2356,6 +2356,28 @@ def test_two_core_catch_up_of_several_big_files(logdir, tmp_path):
     assert query(tmp_path / "2.db", ENTRY_COLUMNS) == query(tmp_path / "1.db", ENTRY_COLUMNS)
 
 
+def test_lines_longer_than_a_chunk_are_read_whole_on_either_core(logdir, tmp_path):
+    sizes = [lt.READ_CHUNK + 1, 300_000, 900_000, (1 << 20) - 100]    # --max-entry-bytes: 1 MiB
+    assert min(sizes) > lt.READ_CHUNK
+    parts = [syslog_backlog(30000, seed=n) for n in range(len(sizes) + 1)]
+    for n, size in enumerate(sizes):
+        head = b"Nov  2 00:00:%02d web-01 app[%d]: " % (n, n)
+        parts.insert(2 * n + 1, head + b"x" * (size - len(head) - 1) + b"\n")
+    (logdir / "syslog").write_bytes(b"".join(parts))
+    os.utime(logdir / "syslog", (1795528759, 1795528759))
+    assert (logdir / "syslog").stat().st_size > 3 * lt.BULK_BYTES
+    for cores in ("1", "2"):
+        result = run_once("--cores", cores, "-v", logdir, tmp_path / f"{cores}.db", timeout=60)
+        assert result.returncode == 0, result.stderr
+        # The worker reads each long line whole: its one run is not cut short by them.
+        assert result.stderr.count(b"parse worker takes") == (cores == "2"), result.stderr
+    rows = query(tmp_path / "2.db", ENTRY_COLUMNS)
+    assert rows == query(tmp_path / "1.db", ENTRY_COLUMNS)
+    long_rows = [row for row in rows if len(row[8]) + 1 > lt.READ_CHUNK]
+    assert [len(row[8]) + 1 for row in long_rows] == sizes
+    assert [(row[4], row[10]) for row in long_rows] == [("app", None)] * len(sizes)
+
+
 @pytest.mark.parametrize("frame_bytes", [lt.WORKER_FRAME, 16])    # and its buffer grown
 # The kernel's least socket buffer too: each frame of rows comes in hundreds of pieces.
 @pytest.mark.parametrize("socket_bytes", [lt.WORKER_BUFFER, 4096])
