@@ -2731,7 +2731,7 @@ MALLOC_KEPT_BYTES = 16 << 20    # freed memory kept for reuse, and the smallest 
 def steady_malloc() -> None:
     """Keep the memory a chunk frees for the next chunk. glibc gives the top of its heap
     back to the kernel once more than twice its largest recently freed block is free
-    there, and each 1 MiB chunk of a catch-up frees a few MiB: page faults to take it
+    there, and each chunk of a catch-up frees a few times its size: page faults to take it
     back, each a page the kernel zeroes (and, in a VM that hands freed memory to its
     host, one the host must provide again). Measured over 1,000,000 lines: minor faults
     164,700 to 20,820 (JSON lines), 52,500 to 23,700 (syslog); the JSON catch-up 2.96
