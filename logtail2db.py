@@ -143,8 +143,8 @@ CACHE_KIB = 1024                # SQLite's page cache of the tailer's connection
 ROWS_PER_INSERT = 100           # rows per INSERT statement: 1.1 against 3.2 us a row, one by one
 CHECKPOINT_ROWS = 20_000        # the WAL is checkpointed after this many rows are committed...
 CHECKPOINT_EVERY_S = 1.0        # ...or this long after a commit, whichever comes first
-CHECKPOINT_WAIT_S = 0.5         # how long a transaction waits for one that restarts the WAL
-                                # (then begins; the next one waits again while it runs)
+CHECKPOINT_SLICE_S = 0.05       # a wait for the checkpoint that restarts the WAL looks this
+                                # often whether a stop is asked for (then it ends)
 
 # SQLite errors that pass: the batch is rolled back and retried later.
 TRANSIENT_SQLITE = {"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN"}
@@ -2449,10 +2449,12 @@ class Store:
 
     name: how messages call it (no password). rows: the encoder EntryBuilder hands entries
     to (see EntryBuilder), whose rows add() takes. errors: the exceptions of its driver.
+    hurry: set once a stop is asked for; a wait that only keeps the store small ends.
     """
 
     name = rows = None
     errors = ()
+    hurry = False
 
     def is_transient(self, exc) -> bool:
         """A fault that passes (disk full, locked, a cut connection): retry later."""
@@ -2754,16 +2756,15 @@ class Checkpointer:
 
     A WAL restarts from its start (and is truncated to journal_size_limit) only when the
     writer begins a transaction with every frame checkpointed, which a writer that never
-    pauses (a catch-up) never does: its WAL would grow as big as all it writes. So once
-    the WAL has grown by WAL_LIMIT_BYTES the tailer's next transaction begins once a
-    checkpoint of all it committed has run (see SqliteStore.begin)."""
+    pauses (a catch-up) never does: its WAL would grow as big as all it writes. So while
+    the WAL is over WAL_LIMIT_BYTES, each of the tailer's transactions begins once a
+    checkpoint of all it committed has run (see SqliteStore.committed)."""
 
     def __init__(self, path: str):
         self.path = path
         self.changed = threading.Condition()
         self.asked = 0          # checkpoints asked for ...
         self.done = 0           # ... and the last of them run
-        self.frames = 0         # the WAL's frames after the last one (its log size)
         self.stopping = False
         self.thread = threading.Thread(target=self.run, name="checkpoint", daemon=True)
         self.thread.start()
@@ -2775,7 +2776,8 @@ class Checkpointer:
             return self.asked
 
     def wait(self, asked: int, timeout: float) -> bool:
-        """Wait (up to timeout) until the checkpoint ask() numbered asked has run."""
+        """Wait (up to timeout) until the checkpoint ask() numbered asked, or a later one,
+        has run."""
         with self.changed:
             return self.changed.wait_for(lambda: self.done >= asked, timeout)
 
@@ -2789,12 +2791,11 @@ class Checkpointer:
                         return
                     asked = self.asked
                 try:
-                    frames = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error as exc:    # full, locked: the next one goes further
                     log.debug("checkpoint: %s", exc)
-                    frames = self.frames
                 with self.changed:
-                    self.done, self.frames = asked, frames
+                    self.done = asked
                     self.changed.notify_all()
         finally:
             conn.close()
@@ -2821,9 +2822,7 @@ class SqliteStore(Store):
         self.added = 0          # rows added since the last checkpoint was asked for
         self.checkpointed_at = None     # the loop's clock then
         self.checkpointer = None
-        self.page_size = PAGE_SIZE
-        self.restart_frames = 0     # the WAL's frames when a restart was last asked for
-        self.restart_asked = None   # that checkpoint, until a transaction has seen it run
+        self.restart_asked = None   # the checkpoint the next transaction begins after
 
     @classmethod
     def open(cls, path: str, mode: int = 0o600) -> SqliteStore:
@@ -2880,7 +2879,6 @@ class SqliteStore(Store):
             # connection they took 0.4 us a row of its time (measured); a thread does them.
             conn.execute("PRAGMA wal_autocheckpoint = 0")
             self.checkpointer = Checkpointer(path)
-            self.page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         if version == 0:
             self.run_script(SCHEMA)
         elif version < SCHEMA_VERSION:
@@ -2917,35 +2915,45 @@ class SqliteStore(Store):
         """Begin the transaction at its first write, so that an empty round touches
         nothing; a round's first notes, every MARK_EVERY_S, when its entries are stored."""
         if not self.conn.in_transaction:
-            # Waited for here, not at the commit: meanwhile this core read and parsed. Until
-            # it has run, each transaction waits a while again: a disk slower than the
-            # tailer slows the tailer down rather than let the WAL grow.
-            if self.restart_asked is not None and self.checkpointer.wait(
-                    self.restart_asked, CHECKPOINT_WAIT_S):
-                self.restart_asked = None
+            if self.restart_asked is not None:
+                self.await_restart()
             self.conn.execute("BEGIN IMMEDIATE")
             if self.now is not None and (self.marked_at is None
                                          or self.now - self.marked_at >= MARK_EVERY_S):
                 self.conn.execute(MARK_INGESTED, (utc_now(),))
                 self.marked_at = self.now
 
+    def await_restart(self) -> None:
+        """Wait, before a transaction begins, for the checkpoint that lets the WAL restart:
+        waited for here, not at the commit, so that meanwhile this core read and parsed.
+        A disk slower than the tailer slows the tailer down rather than let the WAL grow;
+        a reader holding a snapshot only makes the checkpoint stop short, soon. A stop
+        asked for ends the wait: the last rounds are small."""
+        while not (self.hurry or self.checkpointer.wait(self.restart_asked,
+                                                         CHECKPOINT_SLICE_S)):
+            pass
+        self.restart_asked = None
+
     def committed(self, now: float | None) -> None:
-        """Ask for a checkpoint once enough rows are committed, or a while after a commit."""
+        """Ask for a checkpoint once enough rows are committed, or a while after a commit;
+        after every commit while the WAL is over its limit, the next transaction waiting
+        for it. Its size is looked at after each commit: the first one after a restart
+        truncates the file to WAL_LIMIT_BYTES, so a bigger file is that much bigger since
+        the restart. A reader holding a snapshot keeps the WAL from restarting; once it
+        lets go, the next commit's checkpoint and transaction restart it."""
         if self.checkpointer is None:
             return
-        frames = self.checkpointer.frames
-        if frames < self.restart_frames:
-            self.restart_frames = 0     # the WAL restarted
-        # Once per WAL_LIMIT_BYTES of growth: a reader holding an old snapshot keeps the
-        # WAL from restarting, and the tailer must not wait for it at every commit.
-        grown = frames - self.restart_frames >= WAL_LIMIT_BYTES // self.page_size
-        if not (grown or now is None or self.added >= CHECKPOINT_ROWS
+        try:
+            over = os.stat(self.name + "-wal").st_size > WAL_LIMIT_BYTES
+        except OSError:
+            over = False
+        if not (over or now is None or self.added >= CHECKPOINT_ROWS
                 or self.checkpointed_at is None
                 or now - self.checkpointed_at >= CHECKPOINT_EVERY_S):
             return
         asked = self.checkpointer.ask()
-        if grown:
-            self.restart_frames, self.restart_asked = frames, asked
+        if over:
+            self.restart_asked = asked
         self.added, self.checkpointed_at = 0, now
 
     def run_script(self, script: str) -> None:
@@ -5054,7 +5062,8 @@ class Tailer:
         signal.signal(signal.SIGHUP, self._on_hup)
 
     def _on_stop(self, signum, frame):
-        self.stopping = True    # no work in a signal handler: the loop sees the flag
+        self.stopping = True    # no work in a signal handler: the loop sees the flags
+        self.store.hurry = True
 
     def _on_hup(self, signum, frame):
         self.hangup = True      # the loop says so, and rescans
