@@ -2766,6 +2766,7 @@ class Checkpointer:
         self.asked = 0          # checkpoints asked for ...
         self.done = 0           # ... and the last of them run
         self.stopping = False
+        self.alive = True       # False once the thread has ended, asked to or not
         self.thread = threading.Thread(target=self.run, name="checkpoint", daemon=True)
         self.thread.start()
 
@@ -2779,9 +2780,20 @@ class Checkpointer:
         """Wait (up to timeout) until the checkpoint ask() numbered asked, or a later one,
         has run."""
         with self.changed:
-            return self.changed.wait_for(lambda: self.done >= asked, timeout)
+            return self.changed.wait_for(lambda: self.done >= asked or not self.alive, timeout)
 
     def run(self) -> None:
+        try:
+            self.checkpoint_when_asked()
+        except BaseException as exc:    # its connection failed to open, memory ran out
+            log.warning("checkpoint thread: %s; the tailer's connection checkpoints from "
+                        "now on", exc)
+        finally:
+            with self.changed:
+                self.alive = False
+                self.changed.notify_all()
+
+    def checkpoint_when_asked(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=0)
         try:
             while True:
@@ -2942,6 +2954,10 @@ class SqliteStore(Store):
         the restart. A reader holding a snapshot keeps the WAL from restarting; once it
         lets go, the next commit's checkpoint and transaction restart it."""
         if self.checkpointer is None:
+            return
+        if not self.checkpointer.alive:     # as SQLite does it: at commits, on this connection
+            self.conn.execute("PRAGMA wal_autocheckpoint = 1000")
+            self.checkpointer = None
             return
         try:
             over = os.stat(self.name + "-wal").st_size > WAL_LIMIT_BYTES

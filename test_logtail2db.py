@@ -1039,40 +1039,6 @@ def test_a_long_catch_up_keeps_the_wal_small(tailer, logdir, db):
     assert max(sizes) <= lt.WAL_LIMIT_BYTES + lt.ROUND_BYTES, max(sizes)
 
 
-def test_a_reader_holding_a_snapshot_neither_stalls_a_catch_up_nor_keeps_the_wal_big(
-        tailer, logdir, db):
-    """While a reader holds a snapshot the WAL cannot restart: the tailer, which waits for
-    a checkpoint before each transaction while the WAL is over its limit, must go on at
-    once; once the reader lets go, the WAL restarts and is truncated again."""
-    tailer()
-    append(logdir / "app.log", b"first\n")
-    wait_for(lambda: raws(db) == [b"first"], 10, "the first line", lambda: raws(db))
-    reader = sqlite3.connect(db, isolation_level=None)
-    reader.execute("BEGIN")
-    assert reader.execute("SELECT count(*) FROM entries").fetchone() == (1,)
-    lines = 400_000
-    append(logdir / "app.log", b"".join(b"%08d plain text that fills the pages of a "
-                                        b"database quickly, line after line\n" % n
-                                        for n in range(lines)))
-    wal = Path(f"{db}-wal")
-    wait_for(lambda: query(db, "SELECT max(id) FROM entry_rows") == [(lines + 1,)], 60,
-             "the catch-up while a reader holds a snapshot",
-             lambda: query(db, "SELECT max(id) FROM entry_rows"))
-    assert wal.stat().st_size > 2 * lt.WAL_LIMIT_BYTES     # it could not restart
-    assert reader.execute("SELECT count(*) FROM entries").fetchone() == (1,)
-    reader.execute("COMMIT")
-    reader.close()
-    more = iter(range(10_000))
-
-    def truncated() -> bool:
-        n = next(more)
-        append(logdir / "app.log", b"more %d\n" % n)
-        wait_for(lambda: query(db, "SELECT raw FROM entries ORDER BY id DESC LIMIT 1")
-                 == [(f"more {n}",)], 10, f"line more {n}")
-        return wal.stat().st_size <= lt.WAL_LIMIT_BYTES
-    wait_for(truncated, 30, "the WAL restarted and truncated", lambda: wal.stat().st_size)
-
-
 # Bad input and faults #########################################################
 
 def fd_count(pid):
@@ -1632,6 +1598,28 @@ def test_wal_shrinks_once_a_long_reader_lets_go(tailer, logdir, db):
         append(logdir / "app.log", b"more\n")
         time.sleep(0.1)     # the pace of the lines that make commits; the loop polls the WAL
     assert daemon.proc.poll() is None
+
+
+def test_a_checkpoint_thread_that_ends_hands_checkpoints_to_the_connection(tmp_path):
+    """Were the thread gone, a wait for it would never end and the WAL would only grow."""
+    store = lt.SqliteStore.open(str(tmp_path / "app.db"))
+    try:
+        store.checkpointer.close()
+        dead = lt.Checkpointer(str(tmp_path / "no such directory" / "app.db"))
+        dead.thread.join(10)
+        assert not dead.alive
+        assert dead.wait(dead.ask(), 10)    # at once: nothing is left to wait for
+        store.checkpointer, store.restart_asked = dead, dead.ask()
+        with store.atomic(0.0):
+            store.save([])
+        assert store.checkpointer is None
+        assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (1000,)
+        with store.atomic(1.0):     # and it goes on committing
+            store.begin()
+            store.conn.execute("INSERT INTO meta (key, value) VALUES ('k', 'v')")
+        assert query(tmp_path / "app.db", "SELECT value FROM meta WHERE key = 'k'") == [("v",)]
+    finally:
+        store.close()
 
 
 # Entries from lines: the builder (pure) and the tailer ########################
