@@ -2455,8 +2455,12 @@ def test_once_over_big_backlogs_ends_when_they_are_stored(logdir, db):
         os.utime(path, (1795528759, 1795528759))     # not possibly copies being written
     result = run_once("-v", logdir, db, timeout=40)     # 60 s is when it would rescan
     assert result.returncode == 0, result.stderr
-    assert b"parse worker takes" in result.stderr
-    assert b"parsing here too, while the parse worker parses" in result.stderr  # both cores
+    assert b"parse worker takes app-0.json from offset 0" in result.stderr   # found first
+    helped = re.findall(rb"(\S+): parsing here too, while the parse worker parses (\S+)",
+                        result.stderr)
+    # Both cores parse: this one the backlog the worker would take last, so that the
+    # worker's last one is small (then this core only inserts).
+    assert helped[:1] == [(b"app-2.json", b"app-0.json")], result.stderr
     assert query(db, "SELECT count(*), count(DISTINCT file_id || ' ' || offset) FROM entries") == [
         (180000, 180000)]
 
