@@ -2835,6 +2835,7 @@ class SqliteStore(Store):
         self.checkpointed_at = None     # the loop's clock then
         self.checkpointer = None
         self.restart_asked = None   # the checkpoint the next transaction begins after
+        self.wal_path = None
 
     @classmethod
     def open(cls, path: str, mode: int = 0o600) -> SqliteStore:
@@ -2891,6 +2892,8 @@ class SqliteStore(Store):
             # connection they took 0.4 us a row of its time (measured); a thread does them.
             conn.execute("PRAGMA wal_autocheckpoint = 0")
             self.checkpointer = Checkpointer(path)
+            # Beside the file itself: SQLite follows a DATABASE that is a symlink.
+            self.wal_path = conn.execute("PRAGMA database_list").fetchone()[2] + "-wal"
         if version == 0:
             self.run_script(SCHEMA)
         elif version < SCHEMA_VERSION:
@@ -2960,7 +2963,7 @@ class SqliteStore(Store):
             self.checkpointer = None
             return
         try:
-            over = os.stat(self.name + "-wal").st_size > WAL_LIMIT_BYTES
+            over = os.stat(self.wal_path).st_size > WAL_LIMIT_BYTES
         except OSError:
             over = False
         if not (over or now is None or self.added >= CHECKPOINT_ROWS

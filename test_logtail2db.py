@@ -1003,15 +1003,21 @@ def test_a_reader_in_a_transaction_does_not_stop_ingestion(tailer, logdir, db):
     reader.close()
 
 
-def test_a_long_catch_up_keeps_the_wal_small(tailer, logdir, db):
+@pytest.mark.parametrize("database", ["a file", "a symlink"])
+def test_a_long_catch_up_keeps_the_wal_small(tailer, logdir, db, database):
     """A writer that never pauses never finds every frame checkpointed as it begins a
     transaction, the moment the WAL restarts: without a wait now and then its WAL grows
-    as big as the database."""
+    as big as the database. SQLite keeps the WAL of a symlink beside the file it names."""
     lines = 800_000
     (logdir / "app.log").write_bytes(b"".join(b"%08d plain text that fills the pages of a "
                                               b"database quickly, line after line\n" % n
                                               for n in range(lines)))
-    wal = Path(f"{db}-wal")
+    real = db
+    if database == "a symlink":
+        real = db.parent / "elsewhere" / "app.db"
+        real.parent.mkdir()
+        db.symlink_to(real)
+    wal = Path(f"{real}-wal")
     sizes = [0]
     done = threading.Event()
 
