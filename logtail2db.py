@@ -1216,6 +1216,26 @@ def json_times(values: list, stamps: Stamps) -> list:
     return [json_time(value, stamps) for value in values]
 
 
+def json_texts(values: list) -> list:
+    """text_or_none() of each value: values itself when they are all text."""
+    if set(map(type, values)) <= {str}:
+        return values
+    return list(map(text_or_none, values))
+
+
+def json_pids(values: list) -> list:
+    """to_pid() of each value: values itself when they are all ints that are pids, as
+    nearly every pid of a JSON line is (a Python call for each cost 0.1 us a line)."""
+    if set(map(type, values)) == {int} and min(values) >= 0 and max(values) < 2**32:
+        return values
+    return list(map(to_pid, values))
+
+
+def json_levels(values: list) -> list:
+    """json_level() of each value."""
+    return list(map(json_level, values))
+
+
 def json_level(value) -> str | None:
     """The level of a JSON value: a word, a syslog severity or a pino/bunyan number."""
     if isinstance(value, str):
@@ -1406,9 +1426,8 @@ def json_columns(objs: list, lines: list, stamps: Stamps, plans: dict, keys) -> 
         column_values = lambda at: list(map(dict.get, objs,
                                             map(operator.itemgetter(at), row_plans)))
     columns = []
-    each = lambda convert: lambda values: list(map(convert, values))
-    for at, convert in enumerate((lambda values: json_times(values, stamps), each(json_level),
-                                  None, each(text_or_none), each(text_or_none), each(to_pid))):
+    for at, convert in enumerate((lambda values: json_times(values, stamps), json_levels, None,
+                                  json_texts, json_texts, json_pids)):
         # A null is as no key: the plans have no other key of the column to look at.
         values = column_values(at)
         if convert is None:     # the message: text, or the line when there is no key
@@ -1422,9 +1441,13 @@ def json_columns(objs: list, lines: list, stamps: Stamps, plans: dict, keys) -> 
             distinct = set(values)
             distinct.discard(None)
             distinct = list(distinct)
-            converted = dict(zip(distinct, convert(distinct)))     # each value converted once
+            stored = convert(distinct)     # each value converted once
         except TypeError:   # an unhashable value (a list, an object): no column takes it
             return None
+        if stored is distinct:      # every value as it is: pids, host and program at least
+            columns.append(values)
+            continue
+        converted = dict(zip(distinct, stored))
         if None in converted.values():
             return None     # a value the column cannot use: it goes to fields
         if all(map(operator.eq, converted, converted.values())):
