@@ -1,4 +1,4 @@
--- logtail2db schema, version 6 (kept in PRAGMA user_version).
+-- logtail2db schema, version 7 (kept in PRAGMA user_version).
 -- Applied when the database is new; logtail2db.py carries the same text.
 
 -- One row per file identity: (dev, ino) guarded by the file's first bytes.
@@ -34,7 +34,9 @@ CREATE TABLE entry_rows (
     raw      NOT NULL,              -- the entry without its final '\n' or '\r\n': TEXT, or a BLOB
                                     -- when it is not valid UTF-8; CAST(raw AS BLOB) = its bytes
     msg      TEXT,                  -- the message when it is not found in raw (else NULL)
-    msg_at   INTEGER NOT NULL DEFAULT 1,   -- where the message starts in raw (1-based); in rows
+    msg_at   INTEGER NOT NULL DEFAULT 1,   -- where the message starts in raw (1-based); 0: it
+                                    -- is the value of the JSON line's first key of msg,
+                                    -- message and event that is not null, else raw; in rows
                                     -- of older versions, when negative, from -msg_at up to
                                     -- the next '"'
     part     INTEGER,               -- 1, 2, ... for pieces of an entry over --max-entry-bytes
@@ -49,6 +51,9 @@ SELECT id, file_id, offset, ts, host, program, pid, level, fields, raw, msg, msg
         WHEN msg_len >= 0 THEN substr(raw, msg_at, msg_len)
         WHEN msg_len < 0 THEN replace(substr(raw, msg_at, -msg_len), '\"', '"')
         WHEN msg_at = 1 THEN raw WHEN msg_at > 0 THEN substr(raw, msg_at)
+        WHEN msg_at = 0 AND json_valid(raw) THEN coalesce(json_extract(raw, '$.msg'),
+            json_extract(raw, '$.message'), json_extract(raw, '$.event'), raw)
+        WHEN msg_at = 0 THEN raw
         ELSE substr(raw, -msg_at, instr(substr(raw, -msg_at), '"') - 1) END AS message
 FROM entry_rows;
 CREATE TRIGGER entries_delete INSTEAD OF DELETE ON entries BEGIN
@@ -75,4 +80,4 @@ SELECT e.id, e.ts, e.level, f.path, e.host, e.program, e.pid, e.message, e.field
        e.file_id, e.offset, e.part
 FROM entries AS e JOIN files AS f ON f.id = e.file_id;
 
-PRAGMA user_version = 6;
+PRAGMA user_version = 7;

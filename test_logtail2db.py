@@ -1650,7 +1650,7 @@ class FullRows:
     def json_lines(cls, file_id, offsets, lines, *columns):
         return lt.entries(cls, file_id, offsets, lines, *columns,
                           [lt.message_span(line, message)
-                           for line, message in zip(lines, columns[-1])])
+                           for line, message in zip(lines, columns[6])])
 
     @classmethod
     def syslog_lines(cls, file_id, offsets, lines, found, minutes):
@@ -2773,16 +2773,17 @@ def test_older_schema_is_migrated_in_one_transaction(logdir, db, tmp_path):
     assert query(fresh, "PRAGMA page_size") == [(lt.PAGE_SIZE,)] != query(db, "PRAGMA page_size")
 
 
-@pytest.mark.parametrize("version", [3, 4, 5])
+@pytest.mark.parametrize("version", [3, 4, 5, 6])
 def test_schema_is_migrated_in_place_with_every_message_as_it_was(logdir, db, tmp_path,
                                                                    version):
-    entries = {3: lt.ENTRIES_V3, 4: lt.ENTRIES_V4, 5: lt.ENTRIES_V5}[version]
-    old = lt.SCHEMA.replace(lt.ENTRIES_V6, entries).replace(
+    entries = {3: lt.ENTRIES_V3, 4: lt.ENTRIES_V4, 5: lt.ENTRIES_V5, 6: lt.ENTRIES_V6}[version]
+    old = lt.SCHEMA.replace(lt.ENTRIES_V7, entries).replace(
         f"PRAGMA user_version = {lt.SCHEMA_VERSION};", f"PRAGMA user_version = {version};")
     assert old != lt.SCHEMA
+    table = "entry_rows" if version >= 6 else "entries"
     by_hand(db, old + "INSERT INTO files (id, path, offset, fingerprint, first_seen, updated) "
             "VALUES (1, '/old/app.log', 4, x'', '2026-01-01', '2026-01-01');"
-            "INSERT INTO entries (file_id, offset, raw, msg, msg_at) VALUES "
+            f"INSERT INTO {table} (file_id, offset, raw, msg, msg_at) VALUES "
             "(1, 0, 'whole line', NULL, 1), (1, 1, 'Nov 24 h p: tail', NULL, 13),"
             """(1, 2, '{"msg": "quoted"}', NULL, -10), (1, 3, 'raw', 'its own', 1),"""
             "(1, 4, x'ff00fe', NULL, 1), (1, 5, x'41ff42', NULL, 2);")
@@ -2790,11 +2791,11 @@ def test_schema_is_migrated_in_place_with_every_message_as_it_was(logdir, db, tm
     before = query(db, messages)
     assert [row[1] for row in before] == ["whole line", "tail", "quoted", "its own", b"\xff\x00\xfe",
                                           b"\xff\x42"]
-    (logdir / "app.log").write_bytes(b'{"msg": "say \\"new\\""}\n')  # stored as version 5 does
+    (logdir / "app.log").write_bytes(b'{"msg": "say \\"new\\""}\n')  # read by key since 7
     assert run_once(logdir, db).returncode == 0
     assert query(db, "PRAGMA user_version") == [(lt.SCHEMA_VERSION,)]
     assert query(db, messages) == before + [(7, 'say "new"', "text")]
-    assert query(db, "SELECT msg, msg_len FROM entries WHERE id = 7") == [(None, -11)]
+    assert query(db, "SELECT msg, msg_at, msg_len FROM entries WHERE id = 7") == [(None, 0, None)]
     fresh = tmp_path / "fresh.db"
     assert run_once(logdir, fresh).returncode == 0
     schema = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name"
@@ -2802,7 +2803,7 @@ def test_schema_is_migrated_in_place_with_every_message_as_it_was(logdir, db, tm
 
 
 def test_full_text_index_of_version_5_is_kept_in_step_after_migrating(logdir, db):
-    v5 = lt.SCHEMA.replace(lt.ENTRIES_V6, lt.ENTRIES_V5).replace(
+    v5 = lt.SCHEMA.replace(lt.ENTRIES_V7, lt.ENTRIES_V5).replace(
         f"PRAGMA user_version = {lt.SCHEMA_VERSION};", "PRAGMA user_version = 5;")
     by_hand(db, v5 + """
 CREATE VIRTUAL TABLE entries_fts USING fts5 (message, content = 'entries', content_rowid = 'id');
@@ -2829,6 +2830,37 @@ CREATE VIEW mine AS SELECT message FROM entries;
     conn.execute("INSERT INTO entries_fts (entries_fts) VALUES ('integrity-check')")  # or raises
     conn.close()
     assert query(db, match, ("timeout",)) == [("new timeout",)]
+
+
+def test_full_text_index_of_version_6_indexes_messages_read_by_key(logdir, db, tmp_path):
+    v6 = lt.SCHEMA.replace(lt.ENTRIES_V7, lt.ENTRIES_V6).replace(
+        f"PRAGMA user_version = {lt.SCHEMA_VERSION};", "PRAGMA user_version = 6;")
+    fts_v6 = lt.FTS_SCHEMA
+    for prefix in ("new.", "old."):
+        fts_v6 = fts_v6.replace(lt.MESSAGE_SQL.format(prefix), lt.MESSAGE_SQL_V6.format(prefix))
+    assert fts_v6 != lt.FTS_SCHEMA
+    by_hand(db, v6 + fts_v6 + """
+INSERT INTO files (id, path, offset, fingerprint, first_seen, updated)
+VALUES (1, '/old/app.log', 4, x'', '2026-01-01', '2026-01-01');
+INSERT INTO entry_rows (file_id, offset, raw, msg_at, msg_len)
+VALUES (1, 0, '{"msg": "old timeout"}', 10, 11);
+""")
+    (logdir / "app.log").write_bytes(b'{"msg": "new timeout"}\n')
+    assert run_once(logdir, db).returncode == 0     # no --fts: the triggers keep it in step
+    assert query(db, "PRAGMA user_version") == [(lt.SCHEMA_VERSION,)]
+    assert query(db, "SELECT msg_at FROM entries ORDER BY id") == [(10,), (0,)]
+    match = "SELECT message FROM entries WHERE id IN (SELECT rowid FROM entries_fts(?)) ORDER BY id"
+    assert query(db, match, ("timeout",)) == [("old timeout",), ("new timeout",)]
+    fresh = tmp_path / "fresh.db"
+    assert run_once("--fts", logdir, fresh).returncode == 0
+    schema = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name"
+    assert query(db, schema) == query(fresh, schema)
+    conn = sqlite3.connect(db)
+    conn.execute("DELETE FROM entries WHERE message = 'new timeout'")
+    conn.commit()
+    conn.execute("INSERT INTO entries_fts (entries_fts) VALUES ('integrity-check')")  # or raises
+    conn.close()
+    assert query(db, match, ("timeout",)) == [("old timeout",)]
 
 
 def test_failed_migration_leaves_the_database_as_it_was(logdir, db):
@@ -3910,6 +3942,35 @@ def test_syslog_fast_path_reads_lines_as_the_general_code_does(stamps):
     assert 200 < matched < 4500     # both kinds of line are seen
 
 
+def held(made: list) -> list:
+    """What fed_rows() says was held back after each chunk."""
+    return [row for row in made if row[0] == "held"]
+
+
+def read_back(made: list) -> list:
+    """What SqliteRows' rows (those of fed_rows(), say) read as in the entries view: each
+    row's columns but for those that say where its message is, and its message."""
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(lt.SCHEMA)
+    for row in made:
+        if row[0] != "held":
+            conn.execute(lt.INSERT_ROW[len(row)], row)
+    return conn.execute("SELECT file_id, offset, ts, host, program, pid, level, fields, raw,"
+                        " part, message, typeof(message) FROM entries ORDER BY id").fetchall()
+
+
+def batch_rows(batch: tuple) -> list:
+    """The rows a batch of SqliteRows stores, as 13 values each."""
+    count, shape, statements, rest = batch
+    size = 8 if shape == lt.KEYED else shape
+    flat = [value for values in statements for value in values]
+    made = [tuple(flat[at:at + size]) for at in range(0, len(flat), size)] + list(rest)
+    if shape == lt.KEYED:
+        made, size = [row + (0,) for row in made], 9     # msg_at, in the statement
+    assert len(made) == count
+    return [lt.WIDEN[size, 13](row) if size < 13 else row for row in made]
+
+
 def fed_rows(builder, chunks: list) -> list:
     """The rows a builder makes of chunks of text fed one after the other, each followed by
     what it holds back, then those of its flush()."""
@@ -4021,7 +4082,7 @@ def test_json_objects_are_each_lines_own_object():
     chunk where a line is anything else gets None. The array's joins must not read as
     anything but the lines' ends: lines whose text runs into the next one's, or holds two
     objects, or ends the array early, are what the checks are for."""
-    scan = json.JSONDecoder().scan_once
+    scan = json.JSONDecoder(parse_constant=lt.no_constant).scan_once     # NaN: no JSON to SQLite
     chunks = [['{"a": 1}', '{"b": "x", "c": [1, {"d": null}]}', '{}'],
               ['{"msg": "a},{b"}', '{"k": {"n": 1}, "m": [{}, {}]}'],   # "},{": line by line
               ['{"k": {"n": 1}, "m": 2}', '{"k": [{"n": {}},{}], "m": 3}'],
@@ -4051,7 +4112,7 @@ def test_json_objects_are_each_lines_own_object():
 
 def chunk_rows(columns) -> list:
     """json_chunk()'s columns as the Parsed of each line."""
-    ts, host, program, pid, level, fields, messages = columns
+    ts, host, program, pid, level, fields, messages, _ = columns
     return list(zip(ts, host, program, pid, level, fields or [None] * len(ts), messages))
 
 
@@ -4107,36 +4168,114 @@ def test_json_chunk_makes_the_rows_line_by_line_parsing_makes(stamps, rows, monk
 
     chunks = [chunk() for _ in range(400)]
     options = lt.ParseOptions("json", None, None, 1 << 20, 1000)
-
-    def stored(made: list) -> list:     # a SQLite row stores the same in a wider shape
-        return [lt.WIDEN[len(row), 13](row) if rows is lt.SqliteRows and len(row) in (3, 8, 10)
-                else row
-                for row in made]
-
     fast = fed_rows(lt.EntryBuilder(1, options, stamps, rows), chunks)
     taken = []
     monkeypatch.setattr(lt, "json_chunk", lambda text, lines, stamps: taken.append(text))
-    assert stored(fast) == stored(fed_rows(lt.EntryBuilder(1, options, stamps, rows), chunks))
+    slow = fed_rows(lt.EntryBuilder(1, options, stamps, rows), chunks)
     assert len(taken) == len(chunks)
     monkeypatch.undo()
+    if rows is lt.SqliteRows:   # a message read by key is stored so, else as one by one
+        assert held(fast) == held(slow)
+        assert read_back(fast) == read_back(slow)
+        assert 0 < sum(len(row) == 9 for row in fast) < len(fast) - len(chunks)
+    else:
+        assert fast == slow
     by_columns = [columns for columns in (lt.json_chunk(text, text.splitlines(), stamps)
                                           for text in chunks)
                   if columns is not None and columns[5] is None]
     assert len(by_columns) > 100     # many chunks without fields: rows made column by column
 
 
+def test_messages_read_by_key_are_the_messages_parsed(stamps):
+    """The entries view reads a JSON line's message by its key in raw with SQLite's JSON
+    functions, Python parsed it: wherever json_chunk() says they agree (keyed), they do,
+    whatever the keys' spelling, their order, a null, a key twice or a value spelled as
+    one; and they do for most plain lines."""
+    rng = random.Random(21)
+    texts = ["text", "", "caf\u00e9 \U0001f642", 'say "hi"', "a\\b", "tab\there", "cr\r lf\n",
+             "\b\f", "sl/ash", "msg", "message", "}, {", "\u2028"]
+    keys = ["msg", "message", "event", "time", "level", "host", "program", "pid"]
+    odd = ["NaN", "Infinity", "-Infinity", "1e400"]    # Python's JSON, the first not SQLite's
+    values = {"time": ['"2026-11-24T13:59:19Z"', "1795528759"], "level": ['"info"', "30"],
+              "host": ['"web-01"', '"msg"', '"event"', "null"], "program": ['"x"', '"message"'],
+              "pid": ["1234", "null"]}
+    spellings = {"msg": ['"msg"', '"m\\u0073g"'], "message": ['"message"'], "event": ['"event"']}
+
+    def line() -> str:
+        chosen = rng.sample(keys, rng.randrange(1, 6))
+        if rng.random() < 0.05:
+            chosen.append(rng.choice(chosen))   # a key twice
+        pairs = []
+        for key in chosen:
+            if key in spellings:
+                name = rng.choice(spellings[key]) if rng.random() < 0.05 else spellings[key][0]
+                value = (json.dumps(rng.choice(texts), ensure_ascii=rng.random() < 0.2)
+                         if rng.random() < 0.9 else "null")
+            else:
+                name = json.dumps(key)
+                value = rng.choice(odd if rng.random() < 0.03 else values[key])
+            pairs.append(f"{name}{rng.choice([': ', ':'])}{value}")
+        return "{" + rng.choice([", ", ","]).join(pairs) + "}"
+
+    keyed = unkeyed = 0
+    for _ in range(1500):
+        shapes = [line() for _ in range(rng.randrange(1, 4))]
+        lines = [line() if rng.random() < 0.3 else rng.choice(shapes)
+                 for _ in range(rng.randrange(1, 12))]
+        columns = lt.json_chunk("".join(line + "\n" for line in lines), lines, stamps)
+        if columns is None:
+            continue
+        made = lt.SqliteRows.json_lines(1, list(range(len(lines))), lines, *columns)
+        messages = [row[-2:] for row in read_back(made)]
+        assert messages == [(parse_json(line, stamps)[6], "text") for line in lines], lines
+        keyed += columns[7]
+        unkeyed += not columns[7] and columns[5] is None
+    assert keyed > 120 and unkeyed > 150
+    for line, expected in [('{"msg": "a"}', True), ('{"level": "info", "message": "a"}', True),
+                           ('{"event": null, "level": "info"}', True), ('{"level": "info"}', False),
+                           ('{"msg": "a", "msg": "b"}', False), ('{"m\\u0073g": "a"}', False),
+                           ('{"msg": "a", "host": "msg"}', False), ('{"msg": "\\u00e9"}', False),
+                           ('{"msg": "a", "other": 1}', False)]:
+        columns = lt.json_chunk(line + "\n", [line], stamps)
+        assert columns[7] is expected, line
+
+
+def test_the_view_reads_message_keys_in_their_order_and_never_fails_a_query():
+    read = re.findall(r"json_extract\(raw, '\$\.(\w+)'\)", lt.MESSAGE_SQL.format(""))
+    assert read == list(lt.MESSAGE_KEYS)
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(lt.SCHEMA)
+    read = [('{"event": "e", "message": "m", "msg": "x"}', "x"),
+            ('{"event": "e", "message": "m"}', "m"), ('{"msg": null, "event": "e"}', "e"),
+            ('{"level": 1}', '{"level": 1}'),
+            ('{"msg": NaN}', '{"msg": NaN}'), ("not JSON", "not JSON")]   # not from the tailer
+    conn.executemany("INSERT INTO entry_rows (file_id, offset, raw, msg_at) VALUES (1, 0, ?, 0)",
+                     [(raw,) for raw, _ in read])
+    assert conn.execute("SELECT raw, message FROM entries ORDER BY id").fetchall() == read
+
+
+def test_an_sqlite_without_json_functions_is_refused_with_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(lt, "JSON_PROBE", "SELECT no_such_function('{}')")
+    with pytest.raises(lt.Fatal, match=r"without its JSON functions \(no such function: "
+                                       r"no_such_function\); logtail2db needs them"):
+        lt.SqliteStore.open(str(tmp_path / "app.db"))
+    assert not (tmp_path / "app.db").exists()
+
+
 @pytest.mark.parametrize("rows", [lt.SqliteRows, lt.PgRows(7)], ids=["sqlite", "pg"])
-def test_a_json_chunks_batch_is_the_batch_of_its_rows(stamps, rows, monkeypatch):
+def test_a_json_chunks_batch_stores_what_its_rows_store(stamps, rows, monkeypatch):
     rng = random.Random(15)
     messages = ["text", "", "caf\u00e9", 'say "hi"', "ends in web-01", "web-01"]
 
-    def line(odd: bool) -> str:
+    def line(odd: bool, escaped: bool) -> str:
         obj = {"time": "2026-11-24T13:59:19Z", "level": rng.choice(["info", "WARN"]),
-               "host": rng.choice(["web-01", ""]), "pid": rng.choice([1234, None]),
+               "host": rng.choice(["web-01", "", "caf\u00e9"]), "pid": rng.choice([1234, None]),
                "msg": rng.choice(messages)}
         if odd and rng.random() < 0.05:
             obj["other"] = 1    # fields: rows made one by one
-        return json.dumps(obj, ensure_ascii=odd) + "\n"    # "caf\\u00e9": not in its line
+        if escaped and rng.random() < 0.9:
+            obj["msg"] = "text"     # "caf\\u00e9": not in its line; "\\u": not read by key
+        return json.dumps(obj, ensure_ascii=escaped) + "\n"
 
     options = lt.ParseOptions("json", None, None, 1 << 20, 1000)
     columnar = []
@@ -4145,15 +4284,21 @@ def test_a_json_chunks_batch_is_the_batch_of_its_rows(stamps, rows, monkeypatch)
                         or columnar[-1])
     offset = 0
     for count in [1, 7, 99, 100, 101, 200, 250, 333, 1000, *rng.sample(range(1, 700), 30)]:
-        odd = rng.random() < 0.2
-        data = "".join(line(odd) for _ in range(count)).encode()
+        odd, escaped = rng.random() < 0.2, rng.random() < 0.3
+        data = "".join(line(odd, escaped) for _ in range(count)).encode()
         made = lt.EntryBuilder(1, options, stamps, rows).feed_batch(data, offset)
-        assert made == rows.batch(lt.EntryBuilder(1, options, stamps, rows).feed(data, offset))
+        one_by_one = rows.batch(lt.EntryBuilder(1, options, stamps, rows).feed(data, offset))
+        if rows is lt.SqliteRows:
+            assert batch_rows(made) == batch_rows(one_by_one)
+        else:
+            assert made == one_by_one
         assert made[0] == count
         offset += len(data)
     made = [batch for batch in columnar if batch is not None]
     if rows is lt.SqliteRows:   # most chunks went from columns to their batch, of every count
-        assert len(made) > 20 and {0, 1, 33} <= {batch[0] % 100 for batch in made}
+        assert len(made) > 20 and {0, 1} <= {batch[0] % 100 for batch in made}
+        assert min(batch[0] for batch in made) < lt.ROWS_PER_INSERT
+        assert {lt.KEYED, 10} <= {batch[1] for batch in made}     # read by key or found
     else:
         assert not made         # COPY text is made of the rows
 
