@@ -2844,6 +2844,7 @@ INSERT INTO files (id, path, offset, fingerprint, first_seen, updated)
 VALUES (1, '/old/app.log', 4, x'', '2026-01-01', '2026-01-01');
 INSERT INTO entry_rows (file_id, offset, raw, msg_at, msg_len)
 VALUES (1, 0, '{"msg": "old timeout"}', 10, 11);
+CREATE VIEW mine AS SELECT message FROM entries;
 """)
     (logdir / "app.log").write_bytes(b'{"msg": "new timeout"}\n')
     assert run_once(logdir, db).returncode == 0     # no --fts: the triggers keep it in step
@@ -2851,9 +2852,11 @@ VALUES (1, 0, '{"msg": "old timeout"}', 10, 11);
     assert query(db, "SELECT msg_at FROM entries ORDER BY id") == [(10,), (0,)]
     match = "SELECT message FROM entries WHERE id IN (SELECT rowid FROM entries_fts(?)) ORDER BY id"
     assert query(db, match, ("timeout",)) == [("old timeout",), ("new timeout",)]
+    assert query(db, "SELECT * FROM mine") == [("old timeout",), ("new timeout",)]  # the user's
     fresh = tmp_path / "fresh.db"
     assert run_once("--fts", logdir, fresh).returncode == 0
-    schema = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name"
+    schema = ("SELECT type, name, tbl_name, sql FROM sqlite_master WHERE name != 'mine'"
+              " ORDER BY name")
     assert query(db, schema) == query(fresh, schema)
     conn = sqlite3.connect(db)
     conn.execute("DELETE FROM entries WHERE message = 'new timeout'")
