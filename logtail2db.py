@@ -2308,7 +2308,7 @@ ENTRIES_V6 = ENTRY_ROWS_V6 + ";\n\n" + ENTRIES_VIEW_V6
 # SQLite's own JSON functions, so that no row stores where it is in raw: finding it took a
 # search in every line (0.34 us of a chunk's 2 us a line), and its two columns a binding
 # each. The JSON lines' catch-up took 7% less time (1.90 against 2.04 s, best of 5); a scan
-# of all their messages takes more (0.72 against 0.39 s a million, LIKE '%x%'). The view
+# of all their messages takes more (0.75 against 0.38 s a million, LIKE '%x%'). The view
 # reads the keys in MESSAGE_KEYS' order, a null as no key; keyed_messages() says which
 # lines it reads so. A raw that SQLite does not take for JSON, which keyed_messages() rules
 # out, would read as the message instead of failing the query.
