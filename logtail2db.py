@@ -2304,6 +2304,15 @@ CREATE TRIGGER entries_delete INSTEAD OF DELETE ON entries BEGIN
 END"""
 ENTRIES_V6 = ENTRY_ROWS_V6 + ";\n\n" + ENTRIES_VIEW_V6
 
+
+def amended(text: str, old: str, new: str) -> str:
+    """text with old, which is there once, made new: a schema's text written as what
+    changed since the version before."""
+    if text.count(old) != 1:
+        raise AssertionError(f"not there once: {old!r}")
+    return text.replace(old, new)
+
+
 # Version 7, SCHEMA's: the message of a JSON line is read from raw by its key (msg_at 0) with
 # SQLite's own JSON functions, so that no row stores where it is in raw: finding it took a
 # search in every line (0.34 us of a chunk's 2 us a line), and its two columns a binding
@@ -2312,37 +2321,16 @@ ENTRIES_V6 = ENTRY_ROWS_V6 + ";\n\n" + ENTRIES_VIEW_V6
 # reads the keys in MESSAGE_KEYS' order, a null as no key; keyed_messages() says which
 # lines it reads so. A raw that SQLite does not take for JSON, which keyed_messages() rules
 # out, would read as the message instead of failing the query.
-MESSAGE_SQL = r"""CASE WHEN {0}msg IS NOT NULL THEN {0}msg
-        WHEN {0}msg_len >= 0 THEN substr({0}raw, {0}msg_at, {0}msg_len)
-        WHEN {0}msg_len < 0 THEN replace(substr({0}raw, {0}msg_at, -{0}msg_len), '\"', '"')
-        WHEN {0}msg_at = 1 THEN {0}raw WHEN {0}msg_at > 0 THEN substr({0}raw, {0}msg_at)
+MESSAGE_SQL = amended(MESSAGE_SQL_V6, "\n        ELSE", r"""
         WHEN {0}msg_at = 0 AND json_valid({0}raw) THEN coalesce(json_extract({0}raw, '$.msg'),
             json_extract({0}raw, '$.message'), json_extract({0}raw, '$.event'), {0}raw)
         WHEN {0}msg_at = 0 THEN {0}raw
-        ELSE substr({0}raw, -{0}msg_at, instr(substr({0}raw, -{0}msg_at), '"') - 1) END"""
-ENTRY_ROWS_V7 = r"""CREATE TABLE entry_rows (
-    id       INTEGER PRIMARY KEY,
-    file_id  INTEGER NOT NULL REFERENCES files(id),
-    offset   INTEGER NOT NULL,      -- byte offset of the entry's first byte in its file
-    ts       TEXT,                  -- UTC 'YYYY-MM-DD HH:MM:SS[.ffffff]', NULL when unknown
-    host     TEXT,
-    program  TEXT,
-    pid      INTEGER,
-    level    TEXT,                  -- trace debug info notice warning error critical alert emergency
-    fields   TEXT,                  -- other parsed fields, a JSON object
-    raw      NOT NULL,              -- the entry without its final '\n' or '\r\n': TEXT, or a BLOB
-                                    -- when it is not valid UTF-8; CAST(raw AS BLOB) = its bytes
-    msg      TEXT,                  -- the message when it is not found in raw (else NULL)
-    msg_at   INTEGER NOT NULL DEFAULT 1,   -- where the message starts in raw (1-based); 0: it
+        ELSE""")
+ENTRY_ROWS_V7 = amended(ENTRY_ROWS_V6, "(1-based); in rows\n", r"""(1-based); 0: it
                                     -- is the value of the JSON line's first key of msg,
                                     -- message and event that is not null, else raw; in rows
-                                    -- of older versions, when negative, from -msg_at up to
-                                    -- the next '"'
-    part     INTEGER,               -- 1, 2, ... for pieces of an entry over --max-entry-bytes
-    msg_len  INTEGER                -- the message's length in raw from msg_at, NULL: to the end;
-                                    -- when negative, a quoted value whose \" are read as "
-)"""
-ENTRIES_VIEW_V7 = ENTRIES_VIEW_V6.replace(MESSAGE_SQL_V6.format(""), MESSAGE_SQL.format(""))
+""")
+ENTRIES_VIEW_V7 = amended(ENTRIES_VIEW_V6, MESSAGE_SQL_V6.format(""), MESSAGE_SQL.format(""))
 ENTRIES_V7 = ENTRY_ROWS_V7 + ";\n\n" + ENTRIES_VIEW_V7
 
 SCHEMA = r"""-- logtail2db schema, version 7 (kept in PRAGMA user_version).

@@ -192,6 +192,16 @@ def raws(db):
     return [row[0] for row in query(db, "SELECT CAST(raw AS BLOB) FROM entries ORDER BY id")]
 
 
+def delete_in_step(db, where: str):
+    """DELETE FROM entries WHERE where, as a user would; the full-text index is then
+    checked against the entries (an error if the delete left it out of step)."""
+    conn = sqlite3.connect(db)
+    conn.execute(f"DELETE FROM entries WHERE {where}")
+    conn.commit()
+    conn.execute("INSERT INTO entries_fts (entries_fts) VALUES ('integrity-check')")
+    conn.close()
+
+
 def by_hand(db, script: str):
     """Change a database as another hand than the tailer's would."""
     conn = sqlite3.connect(db)
@@ -2547,11 +2557,7 @@ def test_full_text_search_stays_in_step_with_entries(logdir, db):
     assert query(db, match, ("timeout",)) == [
         (str(logdir / "app.log"), "request timeout after 30 s"),
         (str(logdir / "app.log"), "connection timeout")]
-    conn = sqlite3.connect(db)
-    conn.execute("DELETE FROM entries WHERE message LIKE 'request%'")
-    conn.commit()
-    conn.execute("INSERT INTO entries_fts (entries_fts) VALUES ('integrity-check')")  # or raises
-    conn.close()
+    delete_in_step(db, "message LIKE 'request%'")
     assert query(db, match, ("timeout",)) == [(str(logdir / "app.log"), "connection timeout")]
 
 
@@ -2824,11 +2830,7 @@ CREATE VIEW mine AS SELECT message FROM entries;
     match = "SELECT message FROM entries WHERE id IN (SELECT rowid FROM entries_fts(?)) ORDER BY id"
     assert query(db, match, ("timeout",)) == [("old timeout",), ("new timeout",)]
     assert query(db, "SELECT * FROM mine") == [("old timeout",), ("new timeout",)]  # the user's
-    conn = sqlite3.connect(db)
-    conn.execute("DELETE FROM entries WHERE message = 'old timeout'")
-    conn.commit()
-    conn.execute("INSERT INTO entries_fts (entries_fts) VALUES ('integrity-check')")  # or raises
-    conn.close()
+    delete_in_step(db, "message = 'old timeout'")
     assert query(db, match, ("timeout",)) == [("new timeout",)]
 
 
@@ -2858,11 +2860,7 @@ CREATE VIEW mine AS SELECT message FROM entries;
     schema = ("SELECT type, name, tbl_name, sql FROM sqlite_master WHERE name != 'mine'"
               " ORDER BY name")
     assert query(db, schema) == query(fresh, schema)
-    conn = sqlite3.connect(db)
-    conn.execute("DELETE FROM entries WHERE message = 'new timeout'")
-    conn.commit()
-    conn.execute("INSERT INTO entries_fts (entries_fts) VALUES ('integrity-check')")  # or raises
-    conn.close()
+    delete_in_step(db, "message = 'new timeout'")
     assert query(db, match, ("timeout",)) == [("old timeout",)]
 
 
